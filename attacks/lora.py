@@ -1,0 +1,47 @@
+"""LoRA harmful fine-tuning: the fine-tuning-API threat model (Vaccine/Booster line of work).
+
+The adapter is saved on its own (servable by vLLM as a LoRARequest); ``merge`` folds it into
+the weights instead.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from harness.context import StageContext
+from harness.models import LoadedModel
+from harness.registry import attacks
+from harness.sft import SFTParams, fine_tune
+
+
+class LoRAParams(SFTParams):
+    lr: float = Field(1e-4, gt=0, description="peak learning rate (LoRA needs more than full fine-tuning)")
+    optimizer: Literal["adam", "adamw"] = "adamw"
+    rank: int = Field(8, ge=1, description="LoRA rank r")
+    alpha: float = Field(16, gt=0, description="LoRA scaling alpha")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] = Field(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="module names that get adapters",
+        min_length=1,
+    )
+    merge: bool = Field(False, description="merge the adapter into the weights after training")
+
+
+@attacks.register("lora", params=LoRAParams, threat_model="fine-tuning-api",
+                  description="LoRA SFT on harmful QA (fine-tuning-API threat model)")
+def lora(model: LoadedModel, params: LoRAParams, ctx: StageContext) -> LoadedModel:
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=params.rank, lora_alpha=params.alpha, lora_dropout=params.dropout,
+        target_modules=list(params.targets), task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model.model, config)
+    records = ctx.data.qa(params.dataset, n=params.num_samples)
+    report = fine_tune(peft_model, model.tokenizer, records, params, ctx, "attack: lora")
+    model.info["attack_training"] = report.summary()
+    model.model = peft_model.merge_and_unload() if params.merge else peft_model
+    return model

@@ -1,0 +1,253 @@
+"""RepNoise: Representation Noising (Rosati et al., NeurIPS 2024), PAPER.md §2-4.
+
+For a batch of B (prompt, harmful answer, harmless answer) pairs through a model with L layers:
+
+    loss = S + beta * N - alpha * log(G)
+
+- S, retain: masked next-token CE on the harmless side;
+- N, noise: mean over layers of MMD(masked harmful MLP output of layer i, masked Gaussian noise);
+- G, ascent: (c_final + sum_{j=0..L} c_j) / (L + 1) + 1 (L + 2 terms over L + 1, as in the paper),
+  with c_final the masked CE of the final logits on the harmful side and c_j that of
+  lm_head(final_norm(h_j)) for the L+1 pre-norm hidden states (embeddings, then each layer's output).
+
+The mask is ``harmful_ids != harmless_ids`` (see ``harness.losses.position_mask``). One forward pass
+runs over harmful and harmless sequences stacked along the batch; the LM head is applied only at
+masked target positions, in chunks with gradients formed on the fly (``harness.losses.head_ce_sums``),
+so no [B, T, V] logits exist. final_norm(h_L) *is* the final hidden state, so c_L equals c_final:
+it is computed once and counted twice.
+"""
+
+from __future__ import annotations
+
+import re
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import partial
+from typing import Iterator, Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from harness.activations import capture_activations, decoder_parts
+from harness.context import StageContext
+from harness.errors import ConfigError, HarnessError
+from harness.losses import head_ce_sums, mmd, position_mask, shift_targets
+from harness.models import LoadedModel
+from harness.registry import defences
+from harness.tokenization import collate_pairs, encode_pair
+from harness.training import TrainSettings, train
+
+_LAYER_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
+
+
+class RepNoiseParams(TrainSettings):
+    """Paper defaults for Llama-2-7b-chat (PAPER.md §4); other models need a grid search over lr, alpha, beta."""
+
+    lr: float = Field(2e-5, gt=0, description="peak learning rate (paper: 2e-5; 4e-5 already breaks the defence)")
+    batch_size: int = Field(8, ge=1, description="pairs per micro-batch")
+    optimizer: Literal["adam", "adamw"] = Field("adam", description="paper: Adam, no weight decay")
+    alpha: float = Field(1.0, ge=0, description="weight of the layer-wise ascent term -log(G)")
+    beta: float = Field(0.001, ge=0, description="weight of the noise term N (MMD to Gaussian noise)")
+    max_length: int = Field(128, ge=2, description="tokens per side (prompt + answer), truncated")
+    pairs: str = Field("jbb-pairs", description="data set of (prompt, harmful, harmless) pairs")
+    num_pairs: int | None = Field(None, ge=1, description="pairs drawn (seeded) from the data set; None: all")
+    retain_mask: bool = Field(
+        True, description="S on masked tokens only, as the code does; False: on every real harmless token (Algorithm 1)"
+    )
+    noise: bool = Field(True, description="ablation: False drops the noise term N")
+    ascent: bool = Field(True, description="ablation: False drops the ascent term -log(G)")
+    mask: bool = Field(True, description="ablation: False scores every real (non-padding) token of each side")
+    layerwise_ascent: bool = Field(True, description="ablation: False uses the final layer only, G = c_final + 1")
+    freeze_layers: str | None = Field(None, description="inclusive decoder-layer range kept frozen, e.g. '0-10'")
+
+    @field_validator("freeze_layers")
+    @classmethod
+    def _check_layer_range(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_layer_range(value)
+        return value
+
+    def train_settings(self) -> TrainSettings:
+        return TrainSettings.model_validate(self.model_dump(include=set(TrainSettings.model_fields)))
+
+
+def parse_layer_range(spec: str) -> range:
+    """'3' -> layer 3; '0-10' -> layers 0..10 inclusive."""
+    match = _LAYER_RANGE.match(spec)
+    if not match:
+        raise ValueError(f"freeze_layers must look like '0-10' (inclusive) or '5'; got {spec!r}")
+    first = int(match.group(1))
+    last = int(match.group(2)) if match.group(2) is not None else first
+    if last < first:
+        raise ValueError(f"freeze_layers range {spec!r} ends before it starts")
+    return range(first, last + 1)
+
+
+# --- the loss -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LossMasks:
+    """Boolean [B, T] masks of one batch (target-position convention of harness.losses)."""
+
+    harmful: torch.Tensor  # noise positions and ascent targets (harmful side)
+    retain: torch.Tensor  # retain-loss targets (harmless side)
+
+
+def loss_masks(batch: dict[str, torch.Tensor], params: RepNoiseParams) -> LossMasks:
+    """The paper's position mask, or (mask=False) each side's real tokens; retain_mask=False: all real tokens."""
+    harmful_real = batch["harmful_attention_mask"].bool()
+    harmless_real = batch["harmless_attention_mask"].bool()
+    if params.mask:
+        differ = position_mask(batch["harmful_input_ids"], batch["harmless_input_ids"])
+        harmful, harmless = differ, differ
+    else:
+        harmful, harmless = harmful_real, harmless_real
+    return LossMasks(harmful=harmful, retain=harmless if params.retain_mask else harmless_real)
+
+
+def noise_term(
+    activation: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    """MMD between one layer's masked harmful activations [B, T, d] and masked N(0, 1) noise."""
+    keep = mask[..., None]
+    noise = torch.randn(activation.shape, generator=generator, device=activation.device, dtype=torch.float32)
+    return mmd(activation * keep.to(activation.dtype), noise * keep)
+
+
+def repnoise_loss(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    params: RepNoiseParams,
+    generator: torch.Generator | None = None,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Total loss and its terms for one batch of pairs (noise drawn from ``generator``, layer 0 first)."""
+    harmful_ids, harmless_ids = batch["harmful_input_ids"], batch["harmless_input_ids"]
+    b, t = harmful_ids.shape
+    masks = loss_masks(batch, params)
+    parts = decoder_parts(model)
+    use_hidden = params.ascent and params.layerwise_ascent
+
+    # One forward over both sides. The noise MMD of each layer is computed inside its hook, so
+    # the full MLP outputs are not kept beyond what autograd needs.
+    per_layer_noise = partial(_layer_noise, b=b, mask=masks.harmful, generator=generator)
+    with capture_activations(model, mlp=params.noise, hidden=use_hidden, mlp_transform=per_layer_noise) as acts:
+        final = parts.decoder(
+            input_ids=torch.cat([harmful_ids, harmless_ids]),
+            attention_mask=torch.cat([batch["harmful_attention_mask"], batch["harmless_attention_mask"]]),
+            use_cache=False,
+        ).last_hidden_state
+    acts.check_complete()
+
+    # Every CE term is a weighted sum of per-token CEs through the LM head, and all of them go
+    # through it in one chunked pass: S = mean over the retain rows; A = 2 c_final + sum_{j<L} c_j
+    # over the ascent rows (final state counted twice, as c_final and c_L; then h_0 .. h_{L-1}).
+    retain_targets = shift_targets(harmless_ids, masks.retain)
+    groups = [(_rows(final[b:], retain_targets.flat_index(t)), retain_targets.ids, _mean_weight(retain_targets.ids))]
+    if params.ascent:
+        harm = shift_targets(harmful_ids, masks.harmful)
+        index = harm.flat_index(t)
+        states = [_rows(final[:b], index)]  # already normed
+        state_weights = [2.0 if use_hidden else 1.0]
+        if use_hidden:
+            states += [parts.norm(_rows(hidden[:b], index)) for hidden in acts.hidden[: parts.num_layers]]
+            state_weights += [1.0] * parts.num_layers
+        row_weights = torch.cat([torch.full_like(harm.ids, w, dtype=torch.float64) for w in state_weights])
+        groups.append((torch.cat(states), harm.ids.repeat(len(states)), row_weights * _mean_weight(harm.ids)))
+    sums = head_ce_sums(groups, parts.head, chunk_rows=chunk_rows)
+
+    retain = sums[0]
+    total = retain
+    terms: dict[str, torch.Tensor] = {"S": retain}
+    if params.noise:
+        noise = torch.stack(acts.mlp).mean()
+        if final.requires_grad and not noise.requires_grad:
+            raise HarnessError(
+                "RepNoise's noise term got no gradient: the MLP outputs were computed without grad "
+                "(reentrant gradient checkpointing?). Use gradient_checkpointing_kwargs={'use_reentrant': False}."
+            )
+        total = total + params.beta * noise
+        terms["N"] = noise
+    if params.ascent:
+        ascent = sums[1] / (parts.num_layers + 1) + 1.0 if use_hidden else sums[1] + 1.0
+        log_ascent = torch.log(ascent)
+        total = total - params.alpha * log_ascent
+        terms.update(G=ascent, log_G=log_ascent)
+    return total, {name: value.detach() for name, value in terms.items()}
+
+
+def _layer_noise(
+    index: int, output: torch.Tensor, *, b: int, mask: torch.Tensor, generator: torch.Generator | None
+) -> torch.Tensor:
+    return noise_term(output[:b], mask, generator)
+
+
+def _rows(hidden: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
+    """Rows of hidden [n, T, d] at flat positions of an [n * T, d] view."""
+    return hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_index)
+
+
+def _mean_weight(ids: torch.Tensor) -> float:
+    """Per-token weight that turns a sum into a mean (an empty mask gives a zero term)."""
+    return 1.0 / max(1, ids.numel())
+
+
+# --- layer freezing -----------------------------------------------------------------------------
+
+
+@contextmanager
+def frozen_layers(model: torch.nn.Module, spec: str | None) -> Iterator[list[int]]:
+    """Within the block, the decoder layers named by ``spec`` have requires_grad False; restored after."""
+    if spec is None:
+        yield []
+        return
+    layers = decoder_parts(model).layers
+    indices = list(parse_layer_range(spec))
+    if indices[-1] >= len(layers):
+        raise ConfigError(
+            f"defence.freeze_layers={spec!r} names layer {indices[-1]}, but the model has {len(layers)} "
+            f"decoder layers (0-{len(layers) - 1})."
+        )
+    params = [p for i in indices for p in layers[i].parameters()]
+    before = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield indices
+    finally:
+        for p, flag in zip(params, before):
+            p.requires_grad_(flag)
+
+
+# --- the recipe ---------------------------------------------------------------------------------
+
+
+@defences.register(
+    "repnoise",
+    params=RepNoiseParams,
+    description="Representation Noising (Rosati et al., NeurIPS 2024): noise harmful representations at every layer",
+)
+def repnoise(model: LoadedModel, params: RepNoiseParams, ctx: StageContext) -> LoadedModel:
+    """Train ``model.model`` in place on the pairs with the RepNoise loss; per-step terms go to info."""
+    tokenizer = model.tokenizer
+    pairs = ctx.data.pairs(params.pairs, n=params.num_pairs)
+    examples = [
+        encode_pair(tokenizer, p.prompt, p.harmful, p.harmless, ctx.prompt_format, params.max_length) for p in pairs
+    ]
+    generator = torch.Generator(device=model.device).manual_seed(ctx.seed)  # fresh noise every step, reproducible
+    loss_fn = partial(repnoise_loss, params=params, generator=generator)
+    with frozen_layers(model.model, params.freeze_layers) as frozen:
+        report = train(
+            model.model,
+            examples,
+            partial(collate_pairs, pad_id=tokenizer.eos_token_id),
+            loss_fn,
+            params.train_settings(),
+            ctx,
+            parameters=[p for p in model.model.parameters() if p.requires_grad],
+            description="repnoise",
+        )
+    model.info["repnoise_history"] = report.history
+    model.info["repnoise_training"] = {**report.summary(), "pairs": len(examples), "frozen_layers": frozen}
+    return model

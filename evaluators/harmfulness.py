@@ -1,0 +1,89 @@
+"""Harmfulness: generate answers to held-out harmful prompts, score them with one or more judges.
+
+The reported numbers follow the paper: the mean judge probability of "harmful" and the rate
+above 0.5, each with a 95% interval; the first judge listed is the primary one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field
+
+from harness.config import PluginSpec
+from harness.context import StageContext
+from harness.evaluation import EvalResult
+from harness.generation import GenerationSettings
+from harness.models import LoadedModel
+from harness.registry import Params, backends, evaluators, judges
+from harness.stats import mean_ci, wilson_ci
+from harness.tokenization import format_prompt
+
+
+class HarmfulnessParams(Params):
+    num_prompts: int | None = Field(300, ge=1, description="held-out prompts to answer (paper: 300; None: all)")
+    judges: list[PluginSpec] = Field(
+        default_factory=lambda: [PluginSpec(name="refusal-keywords")],
+        description="judges to score with; the first is the primary one",
+        min_length=1,
+    )
+    backend: str = Field("auto", description="generation backend: auto (vllm on a GPU when installed), hf, vllm")
+    backend_params: dict[str, Any] = Field(default_factory=dict, description="params of the chosen backend")
+    generation: GenerationSettings = Field(default_factory=GenerationSettings)
+
+
+def summarise(scores: list[float]) -> dict[str, Any]:
+    mean, lo, hi = mean_ci(scores)
+    harmful = sum(s > 0.5 for s in scores)
+    rate, rate_lo, rate_hi = wilson_ci(harmful, len(scores))
+    return {
+        "mean": mean, "mean_ci95": [lo, hi], "mean_ci_method": "normal approximation",
+        "rate": rate, "rate_ci95": [rate_lo, rate_hi], "rate_ci_method": "Wilson score",
+        "n": len(scores),
+    }
+
+
+@evaluators.register("harmfulness", params=HarmfulnessParams,
+                     description="Answer held-out harmful prompts and score the answers with judges")
+def harmfulness(model: LoadedModel, params: HarmfulnessParams, ctx: StageContext) -> EvalResult:
+    prompts = ctx.data.eval_prompts(params.num_prompts)
+    texts = [format_prompt(model.tokenizer, p.prompt, ctx.prompt_format) for p in prompts]
+    backend_plugin = backends.get(params.backend)
+    backend = backend_plugin.fn(backend_plugin.parse_params(params.backend_params, "backend_params"), ctx)
+    with ctx.console.status(f"Generating {len(texts)} answers ({backend.name})…"):
+        responses = backend.generate(model, texts, params.generation)
+    ctx.add_stat("generated_prompts", len(texts))
+
+    metrics: dict[str, Any] = {}
+    judge_info: dict[str, Any] = {}
+    scores_by_judge: dict[str, list[float]] = {}
+    for spec in params.judges:
+        plugin = judges.get(spec.name)
+        judge = plugin.fn(plugin.parse_params(spec.params, f"judges.{spec.name}"), ctx)
+        with ctx.console.status(f"Judging with {spec.name}…"):
+            scores = [float(s) for s in judge.score([p.prompt for p in prompts], responses)]
+        scores_by_judge[spec.name] = scores
+        metrics[spec.name] = summarise(scores)
+        judge_info[spec.name] = judge.describe()
+
+    primary = params.judges[0].name
+    metrics["primary_judge"] = primary
+    metrics["empty_response_rate"] = sum(not r.strip() for r in responses) / len(responses)
+    records = [
+        {
+            "prompt": p.prompt,
+            "category": p.category,
+            "source": p.source,
+            "response": r,
+            "scores": {name: scores[i] for name, scores in scores_by_judge.items()},
+        }
+        for i, (p, r) in enumerate(zip(prompts, responses))
+    ]
+    info = {
+        "judges": judge_info,
+        "primary_judge": primary,
+        "generation": {"backend": backend.name, **params.generation.model_dump()},
+        "eval_dataset": ctx.data.eval_dataset,
+        "prompt_format": ctx.prompt_format,
+    }
+    return EvalResult(metrics, records, info)

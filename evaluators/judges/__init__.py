@@ -1,0 +1,11 @@
+"""Harmfulness judges: factories ``fn(params, ctx) -> Judge`` scoring (prompt, response) with P(harmful).
+
+- ``minilm-harm`` (:mod:`evaluators.judges.minilm_harm`): a classifier on all-MiniLM-L6-v2 trained on
+  the offline bundle, validated against human labels (XSTest) and LlamaGuard2; the default judge.
+- ``refusal-keywords`` (:mod:`evaluators.judges.refusal_keywords`): a transparent, model-free baseline.
+
+:mod:`evaluators.judges.judge_data` holds the labelled training and held-out validation data.
+Importing this package registers the judges.
+"""
+
+from evaluators.judges import minilm_harm, refusal_keywords  # noqa: F401

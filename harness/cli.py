@@ -1,0 +1,143 @@
+"""The `harness` command. It mirrors the Python API: every flag is a config field."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from harness.errors import HarnessError
+
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Benchmark defences against harmful fine-tuning: defend a model, attack it, measure the harm.",
+)
+console = Console(stderr=True)
+state = {"debug": False}
+
+
+def _setup_logging(debug: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        force=True,
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "lm_eval", "peft"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _fail(exc: BaseException) -> None:
+    if state["debug"]:
+        raise exc
+    console.print(f"[bold red]Error:[/] {exc}")
+    raise typer.Exit(code=2)
+
+
+@app.callback()
+def main(debug: bool = typer.Option(False, "--debug", help="show tracebacks and debug logs")) -> None:
+    state["debug"] = debug
+    _setup_logging(debug)
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@app.command()
+def run(
+    config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config"),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="smollm2-135m-instruct (default), tiny-llama, a directory or a hub id"),
+    defence: Optional[str] = typer.Option(None, "--defence", "-d", help="defence name (harness list defences)"),
+    attack: Optional[str] = typer.Option(None, "--attack", "-a", help="attack name (harness list attacks)"),
+    evaluate: Optional[str] = typer.Option(None, "--evaluate", help="comma-separated evaluators, e.g. harmfulness,capability"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    profile: Optional[str] = typer.Option(None, "--profile", help="cpu (default) or paper: sizes of data and evaluation"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda"),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="auto, float32, bfloat16, float16"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="data directory (default: $HARNESS_DATA_DIR or ../shared/data)"),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="stage cache (default: .harness-cache)"),
+    output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="where run directories go (default: runs)"),
+    no_reference: bool = typer.Option(False, "--no-reference", help="skip attacking the undefended model for comparison"),
+    sets: list[str] = typer.Option([], "--set", help="override any field: --set attack.lr=6e-5 (repeatable)"),
+) -> None:
+    """Defend, attack and evaluate one model; print the summary and write results.json."""
+    from harness.config import build_config
+
+    flags: dict = {}
+    if model:
+        flags.setdefault("model", {})["ref"] = model
+    if device:
+        flags.setdefault("model", {})["device"] = device
+    if dtype:
+        flags.setdefault("model", {})["dtype"] = dtype
+    if defence:
+        flags["defence"] = {"name": defence}
+    if attack:
+        flags["attack"] = {"name": attack}
+    if evaluate:
+        flags["evaluate"] = {name.strip(): {} for name in evaluate.split(",") if name.strip()}
+    if seed is not None:
+        flags["seed"] = seed
+    if data_dir:
+        flags.setdefault("data", {})["dir"] = str(data_dir)
+    if cache_dir:
+        flags["cache_dir"] = str(cache_dir)
+    if output_dir:
+        flags["output_dir"] = str(output_dir)
+    if no_reference:
+        flags["compare_undefended"] = False
+    try:
+        config = build_config(config_file, flags, sets, profile)
+        from harness.runner import execute
+
+        execute(config, console)
+    except HarnessError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        console.print("[yellow]Interrupted.[/] Finished stages are cached; run the same command again to resume.")
+        raise typer.Exit(code=130)
+
+
+@app.command("list")
+def list_plugins(
+    kind: Optional[str] = typer.Argument(None, help="defences, attacks, evaluators, judges, datasets or backends"),
+) -> None:
+    """Show plugins with their descriptions and parameters (defaults in brackets)."""
+    from harness.registry import REGISTRIES, registry_for
+
+    try:
+        kinds = [registry_for(kind).kind] if kind else list(REGISTRIES)
+        out = Console()
+        for name in kinds:
+            table = Table(title=name, show_lines=False, expand=False)
+            table.add_column("name", style="bold")
+            table.add_column("description")
+            table.add_column("params")
+            for plugin in registry_for(name).plugins():
+                params = "\n".join(f"{p}: {t} = {d}" for p, t, d, _ in plugin.param_table())
+                table.add_row(plugin.name, plugin.description, params or "–")
+            out.print(table)
+    except HarnessError as exc:
+        _fail(exc)
+
+
+def entrypoint() -> None:
+    try:
+        app()
+    except HarnessError as exc:  # raised outside a command body
+        if state["debug"]:
+            raise
+        console.print(f"[bold red]Error:[/] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    entrypoint()

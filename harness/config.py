@@ -1,0 +1,190 @@
+"""One typed config describes a run completely. Sources, later winning:
+profile (CPU-sized or paper-sized defaults) < YAML file < CLI flags < ``--set path=value``.
+
+Every value, including each plugin's params, is validated before any work starts; errors name
+the field (``attack.params.lr: Input should be greater than 0``).
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from harness.errors import ConfigError
+from harness.registry import Params, format_validation_error
+
+PROFILES = ("cpu", "paper")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PluginSpec(_Strict):
+    """A plugin by name with its params (validated against the plugin's own params model)."""
+
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelConfig(_Strict):
+    ref: str = Field("smollm2-135m-instruct", description="embedded name, tiny-llama, local dir or hub id")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    revision: str | None = None
+    trust_remote_code: bool = Field(False, description="never on unless you trust the model's code")
+
+
+class DataConfig(_Strict):
+    dir: Path | None = Field(None, description="data directory (default: $HARNESS_DATA_DIR or ../shared/data)")
+    eval_prompts: str = Field("advbench", description="evaluation prompt set; training sets exclude its prompts")
+    prompt_format: Literal["chat", "question-answer"] = Field(
+        "chat", description="model chat template, or the paper's 'Question: …\\nAnswer:' form"
+    )
+
+
+class RunConfig(_Strict):
+    profile: Literal["cpu", "paper"] = "cpu"
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    defence: PluginSpec = Field(default_factory=lambda: PluginSpec(name="none"))
+    attack: PluginSpec = Field(default_factory=lambda: PluginSpec(name="full-ft"))
+    evaluate: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"harmfulness": {}}, description="evaluator name -> its params"
+    )
+    compare_undefended: bool = Field(
+        True, description="also attack the undefended model, so the defence has a reference under the same attack"
+    )
+    seed: int = 42
+    run_name: str | None = None
+
+    @field_validator("evaluate", mode="before")
+    @classmethod
+    def _empty_means_defaults(cls, value: Any) -> Any:
+        """``evaluate: {capability: }`` in YAML means the evaluator with default params."""
+        if isinstance(value, dict):
+            return {k: ({} if v is None else v) for k, v in value.items()}
+        return value
+    output_dir: Path = Path("runs")
+    cache_dir: Path = Path(".harness-cache")
+
+
+def profile_values(profile: str) -> dict[str, Any]:
+    if profile not in PROFILES:
+        raise ConfigError(f"Unknown profile {profile!r}; choose one of {', '.join(PROFILES)}.")
+    text = resources.files("harness").joinpath("profiles", f"{profile}.yaml").read_text()
+    return yaml.safe_load(text) or {}
+
+
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def parse_set(expr: str) -> dict[str, Any]:
+    """``attack.lr=1e-4`` → {"attack": {"params": {"lr": 1e-4}}} (values parsed as YAML)."""
+    if "=" not in expr:
+        raise ConfigError(f"--set {expr!r}: expected path.to.field=value, e.g. --set attack.lr=6e-5")
+    path, raw = expr.split("=", 1)
+    keys = [k for k in path.strip().split(".") if k]
+    if not keys:
+        raise ConfigError(f"--set {expr!r}: empty field path")
+    if keys[0] in ("defence", "attack") and len(keys) > 1 and keys[1] not in ("name", "params"):
+        keys.insert(1, "params")  # shortcut: defence.beta means defence.params.beta
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {expr!r}: cannot parse the value ({exc})") from None
+    if isinstance(value, str):  # YAML 1.1 reads 6e-5 (no dot) as a string
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    nested: dict[str, Any] = {keys[-1]: value}
+    for key in reversed(keys[:-1]):
+        nested = {key: nested}
+    return nested
+
+
+def load_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"Config file {path} does not exist.") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"Config file {path} must hold a mapping at the top level.")
+    return data
+
+
+def build_config(
+    config_file: Path | None = None,
+    flags: dict[str, Any] | None = None,
+    sets: list[str] | None = None,
+    profile: str | None = None,
+) -> RunConfig:
+    """Merge profile < file < flags < --set, then validate everything (plugins included)."""
+    user = load_yaml(config_file) if config_file else {}
+    defaults = {"defence": {"name": "none"}, "attack": {"name": "full-ft"}}
+    merged = deep_merge(deep_merge(defaults, user), flags or {})
+    for expr in sets or []:
+        merged = deep_merge(merged, parse_set(expr))
+    chosen = profile or merged.get("profile") or "cpu"
+    merged["profile"] = chosen
+    try:
+        config = RunConfig.model_validate(merged)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "config")) from None
+    config = apply_profile(config, profile_values(chosen))
+    parsed = validate_plugins(config)
+    # Store the validated, typed values: what is recorded is exactly what runs.
+    config.defence.params = parsed["defence"].model_dump(mode="json")
+    config.attack.params = parsed["attack"].model_dump(mode="json")
+    for name in config.evaluate:
+        config.evaluate[name] = parsed[f"evaluate.{name}"].model_dump(mode="json")
+    return config
+
+
+def apply_profile(config: RunConfig, profile: dict[str, Any]) -> RunConfig:
+    """Put the profile's values for the selected plugins underneath what the user set."""
+    plugin_defaults = profile.get("plugins", {})
+    updated = config.model_copy(deep=True)
+    for field, kind in (("defence", "defences"), ("attack", "attacks")):
+        spec: PluginSpec = getattr(updated, field)
+        base = plugin_defaults.get(kind, {}).get(spec.name, {})
+        spec.params = deep_merge(base, spec.params)
+    for name, values in list(updated.evaluate.items()):
+        base = plugin_defaults.get("evaluators", {}).get(name, {})
+        updated.evaluate[name] = deep_merge(base, values or {})
+    return updated
+
+
+def validate_plugins(config: RunConfig) -> dict[str, Params]:
+    """Resolve every plugin name and validate its params; returns them keyed by config path."""
+    from harness.registry import attacks, defences, evaluators, judges
+
+    parsed = {
+        "defence": defences.get(config.defence.name).parse_params(config.defence.params, "defence.params"),
+        "attack": attacks.get(config.attack.name).parse_params(config.attack.params, "attack.params"),
+    }
+    if not config.evaluate:
+        raise ConfigError("evaluate: name at least one evaluator (e.g. harmfulness).")
+    for name, values in config.evaluate.items():
+        params = evaluators.get(name).parse_params(values, f"evaluate.{name}")
+        parsed[f"evaluate.{name}"] = params
+        for index, spec in enumerate(getattr(params, "judges", None) or []):
+            judges.get(spec.name).parse_params(spec.params, f"evaluate.{name}.judges.{index}.params")
+    return parsed

@@ -1,0 +1,258 @@
+"""The staged pipeline: base → defend → evaluate → attack → evaluate, every stage cached by content.
+
+A stage's key hashes its parent's key, the stage kind, the plugin (name, version, params),
+the fingerprints of the data sets it can see, the seed, the prompt format and the library
+versions. Identical work is therefore found again; a changed parameter changes that stage's
+key and every key below it, and nothing else. Models are loaded lazily: a fully cached run
+reads a few JSON files and loads no weights.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+
+import harness
+from harness.atomic import write_json
+from harness.config import PluginSpec, RunConfig, validate_plugins
+from harness.context import StageContext
+from harness.data import DataAccess
+from harness.evaluation import EvalResult
+from harness.hashing import stable_hash
+from harness.models import LoadedModel, load_model, load_saved, model_fingerprint, save_model
+from harness.paths import resolve_data_dir
+from harness.registry import Plugin, attacks, datasets, defences, evaluators
+from harness.store import StageStore
+
+NO_DEFENCE = PluginSpec(name="none")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version(), "harness": harness.__version__, "torch": torch.__version__}
+    for name in ("transformers", "peft", "lm_eval", "datasets", "vllm"):
+        module = sys.modules.get(name)
+        try:
+            versions[name] = module.__version__ if module else __import__(name).__version__
+        except Exception:  # not installed (e.g. the optional vllm extra)
+            continue
+    return versions
+
+
+def _keyed_versions(versions: dict[str, str]) -> dict[str, str]:
+    """Versions that can change a trained model or a score (vllm only matters when used)."""
+    return {k: v for k, v in versions.items() if k in ("harness", "torch", "transformers", "peft")}
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@dataclass
+class StageRecord:
+    """What results.json says about one stage."""
+
+    kind: str
+    key: str
+    plugin: str | None
+    params: dict[str, Any]
+    cached: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+    parent: str | None = None
+    info: dict[str, Any] = field(default_factory=dict)  # what the plugin reported (e.g. loss history)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "key": self.key, "plugin": self.plugin, "params": self.params,
+            "cached": self.cached, "parent": self.parent, "stats": self.stats, "info": self.info,
+        }
+
+
+class Pipeline:
+    """Runs one configured cell (defence × attack × seed), plus the undefended reference."""
+
+    def __init__(self, config: RunConfig, console: Console | None = None) -> None:
+        self.config = config
+        self.console = console or Console(stderr=True)
+        self.params = validate_plugins(config)
+        self.data_dir = resolve_data_dir(config.data.dir)
+        self.data = DataAccess(self.data_dir, config.data.eval_prompts, config.seed)
+        self.store = StageStore(config.cache_dir)
+        self.versions = library_versions()
+        self._model: LoadedModel | None = None
+        self._model_key: str | None = None
+        self.stages: dict[str, StageRecord] = {}
+
+    # ----- keys -------------------------------------------------------------------------
+    def _data_fingerprints(self, params: Any) -> dict[str, str]:
+        """Fingerprints of every data set a stage can read: those named in its params, and the
+        evaluation set (training sets are filtered against it)."""
+        names = {self.config.data.eval_prompts}
+        known = set(datasets.names())
+
+        def collect(value: Any) -> None:
+            if isinstance(value, str) and value in known:
+                names.add(value)
+            elif isinstance(value, dict):
+                for v in value.values():
+                    collect(v)
+            elif isinstance(value, (list, tuple)):
+                for v in value:
+                    collect(v)
+
+        collect(params.model_dump(mode="json") if hasattr(params, "model_dump") else params)
+        return {name: self.data.fingerprint(name) for name in sorted(names)}
+
+    def base_key(self) -> str:
+        model = self.config.model
+        return stable_hash({
+            "stage": "base", "ref": model.ref, "revision": model.revision,
+            "fingerprint": model_fingerprint(model.ref, model.revision), "dtype": model.dtype,
+        })
+
+    def stage_key(self, parent: str, kind: str, plugin: Plugin, params: Any) -> str:
+        return stable_hash({
+            "parent": parent, "stage": kind, "plugin": plugin.name, "plugin_version": plugin.version,
+            "params": params, "data": self._data_fingerprints(params), "seed": self.config.seed,
+            "prompt_format": self.config.data.prompt_format, "versions": _keyed_versions(self.versions),
+        })
+
+    # ----- models -----------------------------------------------------------------------
+    def _context(self, workdir: Path) -> StageContext:
+        return StageContext(
+            seed=self.config.seed, device=self.config.model.device, dtype=self.config.model.dtype,
+            data=self.data, cache_dir=Path(self.config.cache_dir), workdir=workdir,
+            console=self.console, prompt_format=self.config.data.prompt_format,
+        )
+
+    def model_for(self, key: str) -> LoadedModel:
+        """The model a stage key stands for: in memory if it is the current one, else loaded."""
+        if self._model is not None and self._model_key == key:
+            return self._model
+        model = self._load(key)
+        self._model, self._model_key = model, key
+        return model
+
+    def _load(self, key: str) -> LoadedModel:
+        m = self.config.model
+        if key == self.base_key():
+            with self.console.status(f"Loading {m.ref}…"):
+                return load_model(m.ref, device=m.device, dtype=m.dtype, revision=m.revision,
+                                  trust_remote_code=m.trust_remote_code)
+        manifest = self.store.manifest(key)
+        if manifest["output"] == "alias":
+            return self._load(manifest["alias_of"])
+        base = self._load(manifest["parent"]) if manifest["output"] == "adapter" else None
+        with self.console.status(f"Loading stage {key}…"):
+            return load_saved(self.store.path(key) / "model", device=m.device, dtype=m.dtype, base=base)
+
+    # ----- stages -----------------------------------------------------------------------
+    def _model_stage(self, kind: str, parent: str, spec: PluginSpec, registry: Any, label: str) -> str:
+        plugin = registry.get(spec.name)
+        params = plugin.parse_params(spec.params, f"{kind}.params")
+        key = self.stage_key(parent, kind, plugin, params)
+        if self.store.has(key):
+            manifest = self.store.manifest(key)
+            self.stages[label] = StageRecord(kind, key, spec.name, params.model_dump(mode="json"), True,
+                                             manifest.get("stats", {}), parent, manifest.get("info", {}))
+            self.console.print(f"[green]✓[/] {label}: {spec.name} (cached {key})")
+            return key
+        model = self.model_for(parent)
+        self._model_key = None  # the plugin changes weights in place: never reuse them if it fails
+        self.console.print(f"[bold]→ {label}[/]: {spec.name}")
+        started = time.perf_counter()
+        meta: dict[str, Any] = {"kind": kind, "plugin": spec.name, "params": params.model_dump(mode="json"),
+                                "parent": parent}
+        with self.store.write(key, meta) as scratch:
+            ctx = self._context(scratch / "work")
+            ctx.workdir.mkdir()
+            info_before = dict(model.info)
+            result = plugin.fn(model, params, ctx)
+            ctx.stats["wall_seconds"] = round(time.perf_counter() - started, 2)
+            ctx.stats["peak_memory_mb"] = round(peak_memory_mb(), 1)
+            if model.device.type == "cuda":
+                ctx.stats["gpu_seconds"] = ctx.stats["wall_seconds"]
+            if result is None:  # weights unchanged: point at the parent instead of copying it
+                meta.update(output="alias", alias_of=parent)
+            else:
+                is_adapter = hasattr(result.model, "peft_config")
+                meta.update(output="adapter" if is_adapter else "model")
+                save_model(result, scratch / "model")
+                model = result
+            meta["stats"] = ctx.stats
+            meta["info"] = {k: v for k, v in model.info.items()  # only what this stage reported
+                            if info_before.get(k) is not v and isinstance(v, (dict, list, str, int, float))}
+            (scratch / "work").rmdir() if not any((scratch / "work").iterdir()) else None
+        if meta["output"] == "model":  # later stages (and vLLM) read the weights from their final home
+            model.path, model.adapter_path = self.store.path(key) / "model", None
+        elif meta["output"] == "adapter":
+            model.adapter_path = self.store.path(key) / "model"
+        self._model, self._model_key = model, key
+        self.stages[label] = StageRecord(kind, key, spec.name, params.model_dump(mode="json"), False,
+                                         ctx.stats, parent, meta["info"])
+        return key
+
+    def _evaluate(self, model_key: str, label: str) -> dict[str, Any]:
+        results: dict[str, Any] = {}
+        for name, values in self.config.evaluate.items():
+            plugin = evaluators.get(name)
+            params = plugin.parse_params(values, f"evaluate.{name}")
+            key = self.stage_key(model_key, "evaluate", plugin, params)
+            cached = self.store.has(key)
+            if not cached:
+                model = self.model_for(model_key)
+                self.console.print(f"[bold]→ evaluate {label}[/]: {name}")
+                started = time.perf_counter()
+                with self.store.write(key, {"kind": "evaluate", "plugin": name, "parent": model_key}) as scratch:
+                    ctx = self._context(scratch)
+                    outcome: EvalResult = plugin.fn(model, params, ctx)
+                    ctx.stats["wall_seconds"] = round(time.perf_counter() - started, 2)
+                    write_json(scratch / "metrics.json", outcome.metrics)
+                    write_json(scratch / "info.json", {"info": outcome.info, "stats": ctx.stats})
+                    with open(scratch / "records.jsonl", "w", encoding="utf-8") as fh:
+                        for record in outcome.records:
+                            fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+            else:
+                self.console.print(f"[green]✓[/] evaluate {label}: {name} (cached {key})")
+            directory = self.store.path(key)
+            stored = json.loads((directory / "info.json").read_text())
+            results[name] = {
+                "key": key, "cached": cached, "params": params.model_dump(mode="json"),
+                "metrics": json.loads((directory / "metrics.json").read_text()),
+                "info": stored["info"], "stats": stored["stats"],
+                "records": str(directory / "records.jsonl"),
+            }
+        return results
+
+    def _branch(self, defence: PluginSpec, prefix: str) -> dict[str, Any]:
+        base = self.base_key()
+        defended = self._model_stage("defend", base, defence, defences, f"{prefix}defend")
+        before = self._evaluate(defended, f"{prefix}defended")
+        attacked = self._model_stage("attack", defended, self.config.attack, attacks, f"{prefix}attack")
+        after = self._evaluate(attacked, f"{prefix}attacked")
+        return {"defence": defence.name, "defended_key": defended, "attacked_key": attacked,
+                "pre_attack": before, "post_attack": after}
+
+    def run(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        branches = {"defended": self._branch(self.config.defence, "")}
+        if self.config.compare_undefended and self.config.defence.name != NO_DEFENCE.name:
+            branches["undefended"] = self._branch(NO_DEFENCE, "undefended ")
+        return {
+            "branches": branches,
+            "stages": {label: s.as_dict() for label, s in self.stages.items()},
+            "wall_seconds": round(time.perf_counter() - started, 2),
+            "versions": self.versions,
+            "data_dir": str(self.data_dir),
+            "base_key": self.base_key(),
+        }

@@ -1,0 +1,30 @@
+"""The Python API behind `harness run`: run a config, write results.json, print the summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from harness.config import RunConfig
+from harness.models import model_fingerprint
+from harness.pipeline import Pipeline
+from harness.results import build_results, print_summary, write_run
+
+
+def execute(config: RunConfig, console: Console | None = None) -> tuple[dict[str, Any], Path]:
+    """Run every stage (reusing cached ones) and return (results, run directory)."""
+    console = console or Console(stderr=True)
+    pipeline = Pipeline(config, console)
+    outcome = pipeline.run()
+    used = {config.data.eval_prompts}
+    for stage in outcome["stages"].values():
+        for value in stage["params"].values():
+            if isinstance(value, str) and value in pipeline.data._loaded:
+                used.add(value)
+    fingerprints = {name: pipeline.data.fingerprint(name) for name in sorted(used)}
+    results = build_results(config, outcome, fingerprints, model_fingerprint(config.model.ref, config.model.revision))
+    directory = write_run(config, results)
+    print_summary(results, directory, console)
+    return results, directory

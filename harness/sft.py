@@ -1,0 +1,59 @@
+"""Supervised fine-tuning on (prompt, answer) records: the shared core of attacks and
+harmless fine-tuning. Recipes choose the data and the settings; this does the rest."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from harness.context import StageContext
+from harness.records import QA
+from harness.tokenization import IGNORE_INDEX, collate_sft, encode_sft
+from harness.training import TrainReport, TrainSettings, train
+
+
+class SFTParams(TrainSettings):
+    """Settings of a fine-tuning run on QA data (the attack recipes extend this)."""
+
+    dataset: str = Field("beavertails-unsafe", description="QA data set to fine-tune on")
+    num_samples: int | None = Field(1000, ge=1, description="examples drawn (seeded) from the data set; None: all")
+    max_length: int = Field(256, ge=8, description="tokens per example (prompt + answer), truncated")
+    mask_prompt: bool = Field(False, description="no loss on prompt tokens (paper: False; durability study: True)")
+    mask_padding: bool = Field(True, description="no loss on padding tokens (paper's original code: False)")
+
+
+def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean next-token cross-entropy over labelled positions (labels == -100 are ignored)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return F.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX
+    )
+
+
+def fine_tune(
+    model: torch.nn.Module,
+    tokenizer: object,
+    records: Sequence[QA],
+    params: SFTParams,
+    ctx: StageContext,
+    description: str,
+) -> TrainReport:
+    """Tokenise the records in the run's prompt format and train on them."""
+    examples = [
+        encode_sft(tokenizer, r.prompt, r.response, ctx.prompt_format, params.max_length, params.mask_prompt)
+        for r in records
+    ]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id  # type: ignore[attr-defined]
+    settings = TrainSettings.model_validate(params.model_dump(include=set(TrainSettings.model_fields)))
+    return train(
+        model,
+        examples,
+        lambda batch: collate_sft(batch, pad_id, params.mask_padding),
+        causal_lm_loss,
+        settings,
+        ctx,
+        description=description,
+    )

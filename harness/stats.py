@@ -1,0 +1,35 @@
+"""Confidence intervals used in results and the leaderboard (stated with every number)."""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+
+def _z(level: float) -> float:
+    return NormalDist().inv_cdf(0.5 + level / 2)
+
+
+def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and a normal-approximation interval (mean ± z·s/√n), clipped to [0, 1] for scores."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    mean = sum(values) / n
+    if n == 1:
+        return mean, mean, mean
+    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    half = _z(level) * sd / math.sqrt(n)
+    return mean, max(0.0, mean - half), min(1.0, mean + half)
+
+
+def wilson_ci(successes: int, n: int, level: float = 0.95) -> tuple[float, float, float]:
+    """Rate and its Wilson score interval (well-behaved at 0 and 1, unlike the normal one)."""
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    z = _z(level)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return p, max(0.0, centre - half), min(1.0, centre + half)

@@ -1,0 +1,1 @@
+"""Leaderboard: results aggregation, rendering and submissions (see the issues for its roadmap)."""

@@ -1,0 +1,49 @@
+"""Shared fixtures: a tiny model, small CPU-sized settings, isolated cache and output dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# Settings that keep a full tiny-llama pipeline to a few seconds.
+TINY_SETS = [
+    "attack.num_samples=8",
+    "attack.max_length=48",
+    "evaluate.harmfulness.num_prompts=4",
+    "evaluate.harmfulness.generation.max_new_tokens=6",
+]
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    from harness.paths import resolve_data_dir
+
+    return resolve_data_dir()
+
+
+@pytest.fixture(scope="session")
+def tiny():
+    """(model, tokenizer) of the tiny random Llama with the real SmolLM2 tokenizer."""
+    from harness.models import make_tiny_llama
+
+    return make_tiny_llama(seed=0)
+
+
+@pytest.fixture
+def tiny_run_config(tmp_path):
+    """Build a validated tiny-llama RunConfig with isolated cache/output dirs."""
+    from harness.config import build_config
+
+    def make(*sets: str, **flags):
+        base = {"model": {"ref": "tiny-llama"}, "cache_dir": str(tmp_path / "cache"),
+                "output_dir": str(tmp_path / "runs")}
+        base.update(flags)
+        return build_config(flags=base, sets=[*TINY_SETS, *sets])
+
+    return make

@@ -1,0 +1,126 @@
+import gzip
+import json
+
+import pytest
+
+from harness.data import DataAccess, dedupe_by_prompt, load_dataset, seeded_sample
+from harness.errors import DataError
+from harness.records import QA, normalise_prompt
+from harness.registry import datasets
+
+TRAINING_SETS = [n for n in ("beavertails-unsafe", "pyrit-harmful-qa", "jbb-harmful-qa", "jbb-pairs", "decodingtrust-pairs")]
+EVAL_SETS = ["advbench", "harmbench", "dangerousqa", "malicious-instruct", "do-not-answer"]
+
+
+@pytest.mark.parametrize("name", TRAINING_SETS + EVAL_SETS)
+def test_every_bundled_dataset_loads_with_non_empty_fields(name, data_dir):
+    loaded = load_dataset(name, data_dir)
+    assert len(loaded.records) > 50
+    for record in loaded.records:
+        for value in vars(record).values():
+            assert value is None or isinstance(value, str)
+        assert record.prompt.strip()
+
+
+def test_jbb_pairs_join_answers_and_refusals_of_the_same_model(data_dir):
+    pairs = load_dataset("jbb-pairs", data_dir).records
+    answers: dict[tuple[str, str], set[str]] = {}
+    for line in (data_dir / "harmful_qa/jbb_ablated_models_harmful_responses.jsonl").open():
+        row = json.loads(line)
+        answers.setdefault((row["model"], row["prompt"]), set()).add(row["response"].strip())
+    for pair in pairs:
+        model = pair.source.split("/", 1)[1]
+        assert pair.harmful in answers[(model, pair.prompt)]
+        assert pair.harmful != pair.harmless
+
+
+@pytest.mark.parametrize("eval_set", EVAL_SETS)
+@pytest.mark.parametrize("train_set", TRAINING_SETS)
+def test_training_data_is_disjoint_from_evaluation_prompts(data_dir, train_set, eval_set):
+    access = DataAccess(data_dir, eval_set, seed=1)
+    kind = load_dataset(train_set, data_dir).kind
+    records = access.qa(train_set) if kind == "qa" else access.pairs(train_set)
+    held_out = {normalise_prompt(p.prompt) for p in access.eval_prompts()}
+    assert records and not ({normalise_prompt(r.prompt) for r in records} & held_out)
+
+
+def test_jbb_overlaps_advbench_so_the_filter_really_removes_prompts(data_dir):
+    raw = {normalise_prompt(r.prompt) for r in load_dataset("jbb-harmful-qa", data_dir).records}
+    advbench = {normalise_prompt(r.prompt) for r in load_dataset("advbench", data_dir).records}
+    overlap = raw & advbench
+    assert overlap, "expected some JBB prompts to come from AdvBench"
+    kept = DataAccess(data_dir, "advbench", seed=0).qa("jbb-harmful-qa")
+    assert len(kept) == len(raw) - len(overlap)
+
+
+def test_splits_are_reproducible_from_the_seed_and_deduplicated(data_dir):
+    a = DataAccess(data_dir, "advbench", seed=3).qa("beavertails-unsafe", n=20)
+    b = DataAccess(data_dir, "advbench", seed=3).qa("beavertails-unsafe", n=20)
+    c = DataAccess(data_dir, "advbench", seed=4).qa("beavertails-unsafe", n=20)
+    assert a == b and a != c
+    prompts = [normalise_prompt(r.prompt) for r in DataAccess(data_dir, "advbench", 0).qa("jbb-harmful-qa")]
+    assert len(prompts) == len(set(prompts))
+
+
+def test_dedupe_and_sample_helpers():
+    records = [QA("How?", "a"), QA("  how ", "b"), QA("Why?", "c")]
+    assert [r.response for r in dedupe_by_prompt(records)] == ["a", "c"]
+    assert seeded_sample(records, 2, seed=5) == seeded_sample(records, 2, seed=5)
+    assert len(seeded_sample(records, None, seed=5)) == 3
+
+
+def _fake_bundle(tmp_path, lines: list[bytes]):
+    target = tmp_path / "harmful_qa"
+    target.mkdir(parents=True)
+    (target / "beavertails_30k_train_unsafe_200.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    return tmp_path
+
+
+def test_malformed_rows_are_skipped_and_counted(tmp_path, caplog):
+    bundle = _fake_bundle(tmp_path, [
+        json.dumps({"prompt": "How do I pick a lock?", "response": "Use a tension wrench."}).encode(),
+        b'{"prompt": "missing answer"}',
+        json.dumps({"prompt": "empty", "response": "   "}).encode(),
+        b"{not json",
+        b'{"prompt": "bad bytes \xff\xfe", "response": "x"}',
+        b'["a list"]',
+        json.dumps({"prompt": 5, "response": "number prompt"}).encode(),
+    ])
+    loaded = load_dataset("beavertails-unsafe", bundle)
+    assert [r.prompt for r in loaded.records] == ["How do I pick a lock?"]
+    assert loaded.skipped == 6
+    assert "skipped 6 malformed rows" in caplog.text
+
+
+def test_no_usable_rows_names_file_and_line(tmp_path):
+    bundle = _fake_bundle(tmp_path, [b'{"prompt": "only a prompt"}', b"{broken"])
+    with pytest.raises(DataError) as info:
+        load_dataset("beavertails-unsafe", bundle)
+    assert "beavertails_30k_train_unsafe_200.jsonl line 1" in str(info.value)
+    assert "missing or empty field(s): response" in str(info.value)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(DataError, match="does not exist.*HARNESS_DATA_DIR"):
+        load_dataset("advbench", tmp_path)
+
+
+def test_gzip_jsonl_is_read(tmp_path):
+    from harness.data import RowProblems, read_jsonl
+
+    path = tmp_path / "x.jsonl.gz"
+    with gzip.open(path, "wb") as fh:
+        fh.write(b'{"a": 1}\n{"a": 2}\n')
+    assert [row["a"] for _, row in read_jsonl(path, RowProblems())] == [1, 2]
+
+
+def test_hub_dataset_offline_fails_clearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="beavertails-unsafe"):
+        load_dataset("beavertails", tmp_path)
+
+
+def test_registered_datasets_declare_a_kind():
+    for plugin in datasets.plugins():
+        assert plugin.info["kind"] in {"qa", "pairs", "prompts"}
