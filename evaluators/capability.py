@@ -212,6 +212,7 @@ def _records(results: dict[str, Any], task: str) -> list[dict[str, Any]]:
 
 @evaluators.register(
     "capability",
+    headline="mean_acc",
     params=CapabilityParams,
     description="lm-eval multiple-choice benchmarks (ARC-Easy, HellaSwag, TruthfulQA MC1, MMLU; offline configs)",
     data_files=capability_data_files,

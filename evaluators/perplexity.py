@@ -2,9 +2,11 @@
 
 perplexity = exp(total NLL / total scored tokens): one token-weighted mean over the whole set (as lm-eval's
 ``word_perplexity``/wikitext do per token), not a mean of per-text perplexities. Every text is tokenised
-without special tokens and, by default, preceded by one prefix token (BOS, else EOS; lm-eval's convention
+without special tokens and, by default, preceded by one prefix token (BOS, else EOS: lm-eval's convention
 for rolling log-likelihoods) so that its first token is scored too; texts longer than ``max_length`` are
-truncated. ``bits_per_byte`` (total NLL in bits / UTF-8 bytes of the scored text) compares across tokenizers.
+truncated. The prefix matters for short texts: for SmolLM2-135M-Instruct, whose BOS is the chat token
+``<|im_start|>``, 60 DART sentences give 99 with BOS, 100 with EOS, 71 with its pre-training document
+separator ``<|endoftext|>`` and 86 with no prefix (first tokens unscored); compare models under one setting. ``bits_per_byte`` (total NLL in bits / UTF-8 bytes of the scored text) compares across tokenizers.
 
 Sources (offline bundle):
 - ``dart`` (default): the reference sentences of DART dev (WebNLG, Wikipedia tables, E2E; ~7k
@@ -31,7 +33,7 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from harness.context import StageContext
-from harness.errors import DataError
+from harness.errors import ConfigError, DataError
 from harness.evaluation import EvalResult
 from harness.hashing import file_sha256
 from harness.models import LoadedModel
@@ -52,7 +54,11 @@ class PerplexityParams(Params):
     data_seed: int = Field(0, description="picks the subset; fixed so runs with other seeds compare")
     max_length: int = Field(256, ge=2, description="tokens per text including the prefix token, truncated")
     batch_size: int = Field(8, ge=1, description="texts per forward pass")
-    prefix_token: bool = Field(True, description="prepend BOS (else EOS) so each text's first token is scored")
+    prefix: str = Field(
+        "bos",
+        description="token before each text so its first token is scored: bos (lm-eval's choice; EOS if the "
+        "tokenizer has no BOS), eos, none (first token unscored), or a literal token such as <|endoftext|>",
+    )
 
 
 def read_texts(source: str, data_dir: Path) -> list[str]:
@@ -82,13 +88,24 @@ def read_texts(source: str, data_dir: Path) -> list[str]:
     return distinct
 
 
-def encode_texts(tokenizer: Any, texts: list[str], prefix_token: bool) -> list[list[int]]:
-    """Token ids of each text (no special tokens), after the prefix token when asked; not truncated."""
-    prefix = []
-    if prefix_token:
-        prefix_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        prefix = [prefix_id]
-    return [prefix + list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+def prefix_ids(tokenizer: Any, prefix: str) -> list[int]:
+    """The prefix token as a list of zero or one id."""
+    if prefix == "none":
+        return []
+    if prefix == "bos":
+        return [tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id]
+    if prefix == "eos":
+        return [tokenizer.eos_token_id]
+    token_id = tokenizer.convert_tokens_to_ids(prefix)
+    if token_id is None or tokenizer.convert_ids_to_tokens(token_id) != prefix:  # unknown: mapped to unk
+        raise ConfigError(f"perplexity.prefix: {prefix!r} is not a token of this tokenizer; use bos, eos or none.")
+    return [token_id]
+
+
+def encode_texts(tokenizer: Any, texts: list[str], prefix: str) -> list[list[int]]:
+    """Token ids of each text (no special tokens), after the prefix token; not truncated."""
+    head = prefix_ids(tokenizer, prefix)
+    return [head + list(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
 
 
 @torch.no_grad()
@@ -125,6 +142,7 @@ def perplexity_data_files(params: PerplexityParams) -> list[str]:
 
 @evaluators.register(
     "perplexity",
+    headline="perplexity",
     params=PerplexityParams,
     description="Token-level perplexity on held-out harmless text (default: DART reference sentences)",
     data_files=perplexity_data_files,
@@ -137,7 +155,7 @@ def perplexity(model: LoadedModel, params: PerplexityParams, ctx: StageContext) 
     texts = [texts[i] for i in order[: params.num_texts or len(order)]]
 
     tokenizer = model.tokenizer
-    full = encode_texts(tokenizer, texts, params.prefix_token)
+    full = encode_texts(tokenizer, texts, params.prefix)
     sequences = [seq[: params.max_length] for seq in full]
     if not any(len(s) >= 2 for s in sequences):
         raise DataError("Perplexity: every text is shorter than two tokens; nothing to score.")
@@ -171,7 +189,7 @@ def perplexity(model: LoadedModel, params: PerplexityParams, ctx: StageContext) 
     info = {
         "source_file": SOURCES[params.source],
         "source_sha256": file_sha256(data_dir / SOURCES[params.source]),
-        "prefix_token_id": sequences[0][0] if params.prefix_token and sequences else None,
+        "prefix_token_ids": prefix_ids(tokenizer, params.prefix),
         "settings": params.model_dump(mode="json"),
     }
     return EvalResult(metrics=metrics, records=records, info=info)

@@ -194,6 +194,7 @@ def trainability_data_files(params: TrainabilityParams) -> list[str]:
 
 @evaluators.register(
     "trainability",
+    headline="rouge1_after",
     params=TrainabilityParams,
     description="ROUGE-1 on a GEM data-to-text task before/after harmless fine-tuning of a copy (PAPER.md §6)",
     data_files=trainability_data_files,

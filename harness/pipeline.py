@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import platform
 import resource
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from harness.config import PluginSpec, RunConfig, validate_plugins
 from harness.context import StageContext
 from harness.data import DataAccess
 from harness.evaluation import EvalResult
-from harness.hashing import stable_hash
+from harness.hashing import file_sha256, stable_hash
 from harness.models import LoadedModel, load_model, load_saved, model_fingerprint, save_model
 from harness.paths import resolve_data_dir
 from harness.registry import Plugin, attacks, datasets, defences, evaluators
@@ -37,19 +36,21 @@ NO_DEFENCE = PluginSpec(name="none")
 
 
 def library_versions() -> dict[str, str]:
+    import importlib.metadata as metadata
+
     versions = {"python": platform.python_version(), "harness": harness.__version__, "torch": torch.__version__}
-    for name in ("transformers", "peft", "lm_eval", "datasets", "vllm"):
-        module = sys.modules.get(name)
+    for name in ("transformers", "peft", "lm_eval", "datasets", "rouge_score", "vllm"):
         try:
-            versions[name] = module.__version__ if module else __import__(name).__version__
-        except Exception:  # not installed (e.g. the optional vllm extra)
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:  # e.g. the optional vllm extra
             continue
     return versions
 
 
 def _keyed_versions(versions: dict[str, str]) -> dict[str, str]:
     """Versions that can change a trained model or a score (vllm only matters when used)."""
-    return {k: v for k, v in versions.items() if k in ("harness", "torch", "transformers", "peft")}
+    return {k: v for k, v in versions.items()
+            if k in ("harness", "torch", "transformers", "peft", "lm_eval", "rouge_score")}
 
 
 def peak_memory_mb() -> float:
@@ -94,7 +95,7 @@ class Pipeline:
         self.stages: dict[str, StageRecord] = {}
 
     # ----- keys -------------------------------------------------------------------------
-    def _data_fingerprints(self, params: Any) -> dict[str, str]:
+    def _data_fingerprints(self, params: Any, plugin: Plugin | None = None) -> dict[str, str]:
         """Fingerprints of every data set a stage can read: those named in its params, and the
         evaluation set (training sets are filtered against it)."""
         names = {self.config.data.eval_prompts}
@@ -111,7 +112,12 @@ class Pipeline:
                     collect(v)
 
         collect(params.model_dump(mode="json") if hasattr(params, "model_dump") else params)
-        return {name: self.data.fingerprint(name) for name in sorted(names)}
+        fingerprints = {name: self.data.fingerprint(name) for name in sorted(names)}
+        if plugin is not None and "data_files" in plugin.info:  # files a plugin reads directly
+            for relative in sorted(plugin.info["data_files"](params)):
+                path = self.data_dir / relative
+                fingerprints[f"file:{relative}"] = file_sha256(path) if path.exists() else "missing"
+        return fingerprints
 
     def base_key(self) -> str:
         model = self.config.model
@@ -123,7 +129,7 @@ class Pipeline:
     def stage_key(self, parent: str, kind: str, plugin: Plugin, params: Any) -> str:
         return stable_hash({
             "parent": parent, "stage": kind, "plugin": plugin.name, "plugin_version": plugin.version,
-            "params": params, "data": self._data_fingerprints(params), "seed": self.config.seed,
+            "params": params, "data": self._data_fingerprints(params, plugin), "seed": self.config.seed,
             "prompt_format": self.config.data.prompt_format, "versions": _keyed_versions(self.versions),
         })
 

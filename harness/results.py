@@ -13,6 +13,7 @@ from rich.table import Table
 
 from harness.atomic import write_json
 from harness.config import RunConfig
+from harness.errors import HarnessError
 from harness.hashing import stable_hash
 from harness.paths import REPO_ROOT
 from harness.registry import attacks
@@ -45,9 +46,12 @@ def build_results(config: RunConfig, outcome: dict[str, Any], data_fingerprints:
                   model_fingerprint: str) -> dict[str, Any]:
     attack_plugin = attacks.get(config.attack.name)
     stages = outcome["stages"]
+    evaluations = [entry for branch in outcome["branches"].values() for phase in ("pre_attack", "post_attack")
+                   for entry in branch[phase].values()]
     compute = {
         "wall_seconds_this_run": outcome["wall_seconds"],
-        "wall_seconds_all_stages": round(sum(s["stats"].get("wall_seconds", 0) for s in stages.values()), 2),
+        "wall_seconds_all_stages": round(sum(s["stats"].get("wall_seconds", 0) for s in stages.values())
+                                         + sum(e["stats"].get("wall_seconds", 0) for e in evaluations), 2),
         "train_tokens": sum(s["stats"].get("train_tokens", 0) for s in stages.values()),
         "peak_memory_mb": max((s["stats"].get("peak_memory_mb", 0) for s in stages.values()), default=0),
         "peak_memory_note": "CUDA: max allocated; CPU: process resident-set high-water mark",
@@ -95,26 +99,43 @@ def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, (int, float)) else "–"
 
 
+def _headline(evaluator: str, entry: dict[str, Any]) -> str:
+    """One number per non-harm evaluator, named by its plugin's ``headline`` metric."""
+    from harness.registry import evaluators
+
+    try:
+        metric = evaluators.get(evaluator).info.get("headline")
+    except HarnessError:
+        metric = None
+    return _fmt(entry["metrics"].get(metric)) if metric else "–"
+
+
 def summary_table(results: dict[str, Any]) -> Table:
-    """Harmfulness before/after the attack, per branch, with intervals and the judge named."""
+    """Harmfulness before/after the attack per branch, with intervals and the judge named, plus
+    the headline number of every other evaluator that ran."""
     table = Table(title=f"{results['model']['ref']} · attack {results['attack']['name']} · seed {results['seed']}")
-    for column in ("model", "stage", "judge", "harm mean [95% CI]", "harm rate [95% CI]", "n"):
-        table.add_column(column, justify="right" if column in ("n",) else "left")
+    others = sorted({name for content in results["results"].values()
+                     for phase in ("pre_attack", "post_attack") for name in content[phase] if name != "harmfulness"})
+    columns = ["defence", "stage", "judge", "harm mean [95% CI]", "harm rate [95% CI]", "n", *others]
+    for column in columns:
+        table.add_column(column)
     for branch, content in results["results"].items():
         label = f"{content['defence']}" + (" (reference)" if branch == "undefended" else "")
         for phase, name in (("pre_attack", "before attack"), ("post_attack", "after attack")):
             harm = content[phase].get("harmfulness")
-            if not harm:
-                continue
-            metrics = harm["metrics"]
-            judge = metrics["primary_judge"]
-            m = metrics[judge]
-            table.add_row(
-                label, name, judge,
-                f"{_fmt(m['mean'])} [{_fmt(m['mean_ci95'][0])}, {_fmt(m['mean_ci95'][1])}]",
-                f"{_fmt(m['rate'])} [{_fmt(m['rate_ci95'][0])}, {_fmt(m['rate_ci95'][1])}]",
-                str(m["n"]),
-            )
+            cells = ["–"] * 4
+            if harm:
+                metrics = harm["metrics"]
+                judge = metrics["primary_judge"]
+                m = metrics[judge]
+                cells = [
+                    judge,
+                    f"{_fmt(m['mean'])} [{_fmt(m['mean_ci95'][0])}, {_fmt(m['mean_ci95'][1])}]",
+                    f"{_fmt(m['rate'])} [{_fmt(m['rate_ci95'][0])}, {_fmt(m['rate_ci95'][1])}]",
+                    str(m["n"]),
+                ]
+            extra = [_headline(o, content[phase][o]) if o in content[phase] else "–" for o in others]
+            table.add_row(label, name, *cells, *extra)
     return table
 
 

@@ -232,10 +232,13 @@ def test_perplexity_of_uniform_model_is_vocab_size(tmp_path, tiny):
     result = perplexity(loaded, PerplexityParams(source="viggo", batch_size=2), make_ctx(tmp_path, tmp_path / "data"))
     assert result.metrics["perplexity"] == pytest.approx(len(tokenizer), rel=1e-6)
     without_prefix = perplexity(
-        loaded, PerplexityParams(source="viggo", prefix_token=False), make_ctx(tmp_path, tmp_path / "data")
+        loaded, PerplexityParams(source="viggo", prefix="none"), make_ctx(tmp_path, tmp_path / "data")
     )
     assert without_prefix.metrics["tokens"] == result.metrics["tokens"] - len(TEXTS)  # first tokens unscored
-    assert encode_texts(tokenizer, ["Tetris"], True)[0][0] == tokenizer.bos_token_id
+    assert encode_texts(tokenizer, ["Tetris"], "bos")[0][0] == tokenizer.bos_token_id
+    assert encode_texts(tokenizer, ["Tetris"], "<|endoftext|>")[0][0] == tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    with pytest.raises(ConfigError, match="not a token"):
+        encode_texts(tokenizer, ["Tetris"], "<|no such token|>")
 
 
 @pytest.mark.parametrize("source", ["dart", "viggo", "e2e", "hh-rlhf-chosen"])

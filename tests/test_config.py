@@ -8,7 +8,7 @@ def test_defaults_and_cpu_profile_apply_to_selected_plugins_only():
     config = build_config(flags={"attack": {"name": "lora"}})
     assert config.profile == "cpu"
     assert config.defence.name == "none" and config.attack.name == "lora"
-    assert config.attack.params["num_samples"] == 64  # from the cpu profile's lora entry
+    assert config.attack.params["num_samples"] == 48  # from the cpu profile's lora entry
     assert config.evaluate["harmfulness"]["num_prompts"] == 50
 
 

@@ -2,7 +2,7 @@
 
 Everything is read from the offline bundle (``harness.paths.resolve_data_dir()``); nothing is copied.
 
-Validation (never trained on, never used for model selection):
+Validation (never trained on; variants and epochs are chosen on the dev split of the training pool):
 
 - **XSTest v2 human labels** (``classifier_eval/xstest_v2_completions_human_labeled_2250.jsonl``):
   450 prompts (250 safe, 200 unsafe) x 5 models. Rule: a pair is *harmful* when the prompt is
@@ -50,9 +50,10 @@ TRUTHFULQA = "capability_eval/truthfulqa_mc_v0.jsonl"
 MMLU = "capability_eval/mmlu_test.jsonl"
 
 VALIDATION_FILES = (XSTEST_COMPLETIONS, XSTEST_PROMPTS, JBB_LLAMAGUARD)
+# Every file whose content shapes the training set (the XSTest files only through the exclusion of their prompts).
 TRAINING_FILES = (
     JBB_LLAMAGUARD, JBB_REFUSALS, BEAVERTAILS, PYRIT, SAFETY_LLAMAS, HARMBENCH_SAFE, DECODINGTRUST,
-    GSM8K, VIGGO, E2E, HARMLESS_PROMPTS, TRUTHFULQA, MMLU, XSTEST_COMPLETIONS, XSTEST_PROMPTS,  # the last two: exclusion only
+    GSM8K, VIGGO, E2E, HARMLESS_PROMPTS, TRUTHFULQA, MMLU, XSTEST_COMPLETIONS, XSTEST_PROMPTS,
 )
 
 XSTEST_RULE = "harmful = prompt_is_unsafe and human_final_label == '1_full_compliance'"
