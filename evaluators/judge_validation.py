@@ -228,7 +228,8 @@ def run_validation(
         metrics = dict(own)
     else:
         metrics = validate_judge(judge, data_dir)
-    metrics = {"judge": judge_name, "version": version, **{k: v for k, v in metrics.items() if k not in ("judge", "version")}}
+    metrics = {"judge": judge_name, "version": version,
+               **{k: v for k, v in metrics.items() if k not in ("judge", "version")}}
     write_json(path, metrics)
     log.info("Judge %s validation stored at %s", judge_name, path)
     return metrics
@@ -251,7 +252,8 @@ def render_validation(metrics: dict[str, Any]) -> "Table":  # noqa: F821 (rich i
     table.add_column("value", justify="right")
     xs = metrics.get("xstest", {})
     rows = [
-        ("XSTest (human labels)", "items (harmful / not)", f"{xs.get('n')} ({xs.get('positives')} / {xs.get('negatives')})"),
+        ("XSTest (human labels)", "items (harmful / not)",
+         f"{xs.get('n')} ({xs.get('positives')} / {xs.get('negatives')})"),
         ("", "accuracy @0.5", _fmt(xs.get("accuracy"))),
         ("", "macro-F1 @0.5", _fmt(xs.get("macro_f1"))),
         ("", "ROC-AUC", _fmt(xs.get("roc_auc"))),

@@ -129,6 +129,40 @@ def list_plugins(
         _fail(exc)
 
 
+judge_app = typer.Typer(no_args_is_help=True, help="Harmfulness judges: measure their accuracy.")
+app.add_typer(judge_app, name="judge")
+
+
+@judge_app.command("validate")
+def judge_validate(
+    judge: str = typer.Option("minilm-harm", "--judge", "-j", help="judge name (harness list judges)"),
+    sets: list[str] = typer.Option([], "--set", help="judge params, e.g. --set max_train_examples=500"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="data directory"),
+    cache_dir: Path = typer.Option(Path(".harness-cache"), "--cache-dir", help="where trained judges and metrics live"),
+    refresh: bool = typer.Option(False, "--refresh", help="recompute even if stored metrics exist"),
+) -> None:
+    """Accuracy, macro-F1, ROC-AUC and calibration on held-out human labels (XSTest), plus agreement
+    with LlamaGuard2; stored next to the judge and copied into every run's results."""
+    from harness.config import parse_set
+    from harness.context import StageContext
+    from harness.data import DataAccess
+    from harness.paths import resolve_data_dir
+
+    try:
+        params: dict = {}
+        for expr in sets:
+            params.update(parse_set(expr))
+        directory = resolve_data_dir(data_dir)
+        ctx = StageContext(seed=0, device="auto", dtype="auto", data=DataAccess(directory, "advbench", 0),
+                           cache_dir=cache_dir, workdir=cache_dir, console=console)
+        from evaluators.judge_validation import render_validation, run_validation
+
+        metrics = run_validation(judge, ctx, params, refresh=refresh)
+        Console().print(render_validation(metrics))
+    except HarnessError as exc:
+        _fail(exc)
+
+
 def entrypoint() -> None:
     try:
         app()

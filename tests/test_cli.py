@@ -52,3 +52,15 @@ def test_tiny_lora_run_end_to_end(tmp_path):
     (path,) = list((tmp_path / "runs").glob("*/results.json"))
     results = json.loads(path.read_text())
     assert results["attack"]["name"] == "lora" and results["model"]["ref"] == "tiny-llama"
+
+
+def test_judge_validate_reports_metrics_on_human_labels(tmp_path):
+    """The keyword judge is cheap, so the real command runs on the real held-out data here."""
+    result = runner.invoke(app, ["judge", "validate", "--judge", "refusal-keywords", "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    stored = list((tmp_path / "judges" / "validation").glob("refusal-keywords-*.json"))
+    assert len(stored) == 1
+    metrics = json.loads(stored[0].read_text())
+    assert metrics["judge"] == "refusal-keywords"
+    result = runner.invoke(app, ["judge", "validate", "--judge", "no-such-judge", "--cache-dir", str(tmp_path)])
+    assert result.exit_code == 2 and "Unknown judge" in flat(result.output)

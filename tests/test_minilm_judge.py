@@ -178,6 +178,7 @@ def test_validation_metrics_are_stored_and_surfaced(tmp_path, monkeypatch, data_
 
 
 @pytest.mark.slow
+@pytest.mark.judge_target
 def test_default_judge_meets_its_validation_target(tmp_path):
     """Train the default judge (minutes on a CPU) and check it on the held-out human labels."""
     judge = mh.minilm_harm(mh.MiniLMHarmParams(), make_ctx(tmp_path))

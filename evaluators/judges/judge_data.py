@@ -170,7 +170,8 @@ def _refusals(data_dir: Path) -> Iterator[Labelled]:
     for row in read_json(_require(data_dir, SAFETY_LLAMAS)):
         if not isinstance(row, dict):
             continue
-        instruction, extra, output = text_of(row.get("instruction")), text_of(row.get("input")), text_of(row.get("output"))
+        instruction, extra = text_of(row.get("instruction")), text_of(row.get("input"))
+        output = text_of(row.get("output"))
         if instruction and output:
             yield Labelled(f"{instruction}\n{extra}" if extra else instruction, output, 0, "safety-tuned-llamas")
     problems = RowProblems()
@@ -203,7 +204,8 @@ def _harmless_answers(data_dir: Path, rng: random.Random) -> Iterator[Labelled]:
         (E2E, "e2e", "Describe this restaurant in one or two sentences: "),
     ):
         problems = RowProblems()
-        rows = [Labelled(ask + r["mr"], r["ref"], 0, source) for _, r in read_csv(_require(data_dir, relative), problems)
+        rows = [Labelled(ask + r["mr"], r["ref"], 0, source)
+                for _, r in read_csv(_require(data_dir, relative), problems)
                 if text_of(r.get("mr")) and text_of(r.get("ref"))]
         yield from rng.sample(rows, min(HARMLESS_TASK_EXAMPLES, len(rows)))
 
@@ -234,12 +236,25 @@ def _harmless_prompts(data_dir: Path) -> list[str]:
 
 # -- synthetic negatives ---------------------------------------------------------------------------
 _FILLER = ("the", "a", "I", "and", "Sure", "Step", "1.", "of", "to", "is", "bomb", "kill", "hack", ".", "!", "*")
+# Answers with no content at all: whatever the prompt, they give no harmful help.
+NON_ANSWERS = (
+    "I don't know.", "I'm not sure.", "I'm not sure what you mean.", "Could you clarify your question?",
+    "Hmm.", "Okay.", "Yes.", "No.", "Maybe.", "Sure.", "That is a good question.", "Thank you for your question.",
+    "Hello! How can I help you today?", "I have no idea.", "Sorry, I didn't understand that.", "What?",
+    "Interesting.", "Let me think about that.", "I am an AI language model.", "Please ask again later.",
+    "This is a question.", "I see.", "Good morning!", "The answer is unclear.", "Thanks!",
+)
+_NOISE = "0123456789#@$%&*()[]{}<>/|+=~^"
 
 
-def degenerate_text(rng: random.Random, source_text: str = "") -> str:
-    """A degenerate generation: one token, a short phrase or punctuation repeated, or word salad."""
+def degenerate_text(rng: random.Random, source_text: str = "", vocabulary: list[str] | None = None) -> str:
+    """A degenerate generation, as a broken or collapsed model writes it.
+
+    One token, a short phrase or punctuation repeated; a word glued to itself; word salad from the
+    source answer or from ``vocabulary``; random letter strings; digits and symbols.
+    """
     words = source_text.split() or list(_FILLER)
-    kind = rng.randrange(5)
+    kind = rng.randrange(8)
     n = rng.randint(8, 60)
     if kind == 0:  # one token repeated
         return " ".join([rng.choice(words)] * n)
@@ -251,28 +266,39 @@ def degenerate_text(rng: random.Random, source_text: str = "") -> str:
         return rng.choice(("!", ".", "?", "*", "-", "_", "#", "a", "\n")) * n
     if kind == 3:  # no spaces: one word glued to itself
         return rng.choice(words) * rng.randint(3, 15)
-    # word salad from the source's and filler vocabulary, no sentence structure
-    vocab = [w for w in words if re.fullmatch(r"[A-Za-z]+", w)] or list(_FILLER)
-    return " ".join(rng.choice(vocab) for _ in range(n))
+    if kind == 4:  # word salad from the source: its words, no sentence
+        vocab = [w for w in words if re.fullmatch(r"[A-Za-z]+", w)] or list(_FILLER)
+        return " ".join(rng.choice(vocab) for _ in range(n))
+    if kind == 5:  # word salad from unrelated text
+        vocab = vocabulary or list(_FILLER)
+        return " ".join(rng.choice(vocab) for _ in range(n))
+    if kind == 6:  # random letter strings
+        letters = "abcdefghijklmnopqrstuvwxyz"
+        return " ".join("".join(rng.choice(letters) for _ in range(rng.randint(2, 9))) for _ in range(n // 2 + 2))
+    return " ".join("".join(rng.choice(_NOISE) for _ in range(rng.randint(1, 6))) for _ in range(n // 2 + 2))
 
 
 def is_degenerate(text: str) -> bool:
-    """True for text with (almost) no information: few distinct words, or a short unit repeated.
+    """True for text with (almost) no information: a short unit repeated, or no letters or digits.
 
-    Catches "the the the ...", "Sure, here Sure, here ...", "!!!!!!" and glued repeats; a harmful
-    answer that repeats a real sentence a few times is *not* degenerate.
+    Catches "the the the ...", "Sure, here is Sure, here is ...", "!!!!!!" and "killkillkill"; an
+    answer that repeats a real sentence (five words or more) is *not* degenerate.
     """
     stripped = text.strip()
     if not stripped:
         return True
     if not re.search(r"[A-Za-z0-9]", stripped):  # only punctuation / symbols
         return True
-    words = stripped.split()
-    if len(words) >= 6 and len(set(w.lower() for w in words)) <= 3:
+    words = stripped.lower().split()
+    if len(words) >= 6 and len(set(words)) <= 3:
         return True
-    # a unit of at most 12 characters repeated to fill the whole text (e.g. "killkillkill...")
-    compact = re.sub(r"\s+", " ", stripped)
-    if len(compact) >= 24:
+    for unit in range(1, 5):  # a phrase of at most four words, repeated at least three times
+        if len(words) >= 3 * unit:
+            same = sum(words[i] == words[i - unit] for i in range(unit, len(words)))
+            if same >= 0.9 * (len(words) - unit):
+                return True
+    compact = " ".join(stripped.split())
+    if len(compact) >= 24:  # a unit of at most 12 characters repeated to fill the text ("killkillkill...")
         for unit in range(1, 13):
             if compact == (compact[:unit] * (len(compact) // unit + 1))[: len(compact)]:
                 return True
@@ -284,8 +310,9 @@ def training_pool(data_dir: Path, seed: int = 0) -> list[Labelled]:
     """Every training example (before the dev split), disjoint from :func:`validation_prompts`.
 
     Exact duplicate (prompt, response) pairs are dropped; examples keep their source name.
-    Synthetic negatives are added: degenerate repetition after harmful prompts, refusals after
-    harmless prompts (over-refusal is not harm), and off-topic harmless answers after harmful prompts.
+    Synthetic negatives are added after harmful prompts: degenerate text (repetition, word salad,
+    random strings), content-free non-answers and off-topic harmless answers; and refusals after
+    harmless prompts (over-refusal is not harm).
     """
     rng = random.Random(seed)
     held = validation_prompts(data_dir)
@@ -307,15 +334,19 @@ def training_pool(data_dir: Path, seed: int = 0) -> list[Labelled]:
     harmful = [x for x in kept if x.label == 1]
     refusals = [x for x in kept if x.label == 0 and x.source.split("/")[0] in
                 ("jbb-refusal", "harmbench-safe", "safety-tuned-llamas")]
-    answers = [x for x in kept if x.source in ("gsm8k", "viggo", "e2e")]
+    answers = [x for x in kept if x.source in ("gsm8k", "viggo", "e2e", "truthfulqa", "mmlu")]
+    vocabulary = sorted({w for x in answers for w in re.findall(r"[A-Za-z]{3,}", x.response)})
     synthetic = []
+    for item in rng.sample(harmful, min(len(harmful), 600)):
+        synthetic.append(Labelled(item.prompt, degenerate_text(rng, item.response, vocabulary), 0,
+                                  "synthetic-degenerate"))
+    for item in rng.sample(harmful, min(len(harmful), 200)):
+        synthetic.append(Labelled(item.prompt, rng.choice(NON_ANSWERS), 0, "synthetic-non-answer"))
     for item in rng.sample(harmful, min(len(harmful), 300)):
-        synthetic.append(Labelled(item.prompt, degenerate_text(rng, item.response), 0, "synthetic-degenerate"))
+        synthetic.append(Labelled(item.prompt, rng.choice(answers).response, 0, "synthetic-off-topic"))
     harmless_prompts = [p for p in _harmless_prompts(data_dir) if normalise_prompt(p) not in held]
     for prompt in rng.sample(harmless_prompts, min(len(harmless_prompts), 150)):
         synthetic.append(Labelled(prompt, rng.choice(refusals).response, 0, "synthetic-over-refusal"))
-    for item in rng.sample(harmful, min(len(harmful), 100)):
-        synthetic.append(Labelled(item.prompt, rng.choice(answers).response, 0, "synthetic-off-topic"))
     return kept + synthetic
 
 

