@@ -237,7 +237,7 @@ def run_validation(
 
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
-        return "n/a" if math.isnan(value) else f"{value:.3f}"
+        return "n/a" if math.isnan(value) else f"{value:.4f}"
     return str(value)
 
 
