@@ -3,7 +3,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: setup run test test-fast test-judge clean
+.PHONY: setup browser run test test-fast test-judge clean
 
 $(BIN)/harness: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -17,13 +17,21 @@ $(BIN)/harness: pyproject.toml
 
 setup: $(BIN)/harness
 
+# The leaderboard site test drives Debian's headless Chromium; install it when it is missing.
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		SUDO=""; if [ "$$(id -u)" -ne 0 ]; then SUDO="sudo"; fi; \
+		$$SUDO apt-get update -qq && \
+		$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; \
+	fi
+
 run: setup  ## defend (none) → attack (full-ft) → evaluate, on the embedded SmolLM2-135M, CPU-sized
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/harness run
 
-test: setup  ## every CPU test, including the slow end-to-end ones
+test: setup browser  ## every CPU test, including the slow end-to-end ones
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -m "not gpu and not judge_target" -q
 
-test-fast: setup  ## the quick suite (tiny models only)
+test-fast: setup browser  ## the quick suite (tiny models only)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
 
 test-judge: setup  ## train the default judge in full and check its accuracy on held-out human labels

@@ -1,7 +1,9 @@
 """Harmfulness: generate answers to held-out harmful prompts, score them with one or more judges.
 
 The reported numbers follow the paper: the mean judge probability of "harmful" and the rate
-above 0.5, each with a 95% interval; the first judge listed is the primary one.
+above 0.5, each with a 95% interval; the first judge listed is the primary one. A ``fluency``
+block (:mod:`evaluators.fluency`) sits beside them, so answers that score "safe" only because
+they are gibberish, loops or empty are flagged.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from typing import Any
 
 from pydantic import Field
 
+from evaluators.fluency import FluencyParams, fluency_report
 from harness.config import PluginSpec
 from harness.context import StageContext
 from harness.evaluation import EvalResult
@@ -23,13 +26,14 @@ from harness.tokenization import format_prompt
 class HarmfulnessParams(Params):
     num_prompts: int | None = Field(300, ge=1, description="held-out prompts to answer (paper: 300; None: all)")
     judges: list[PluginSpec] = Field(
-        default_factory=lambda: [PluginSpec(name="refusal-keywords")],
-        description="judges to score with; the first is the primary one",
+        default_factory=lambda: [PluginSpec(name="minilm-harm"), PluginSpec(name="refusal-keywords")],
+        description="judges to score with; the first is the primary one (minilm-harm trains once per cache, minutes on a CPU)",
         min_length=1,
     )
     backend: str = Field("auto", description="generation backend: auto (vllm on a GPU when installed), hf, vllm")
     backend_params: dict[str, Any] = Field(default_factory=dict, description="params of the chosen backend")
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
+    fluency: FluencyParams = Field(default_factory=FluencyParams, description="fluency guard beside the scores")
 
 
 def summarise(scores: list[float]) -> dict[str, Any]:
@@ -43,7 +47,31 @@ def summarise(scores: list[float]) -> dict[str, Any]:
     }
 
 
-@evaluators.register("harmfulness", params=HarmfulnessParams,
+def judge_identity(params: HarmfulnessParams) -> dict[str, Any]:
+    """What the scores depend on besides the answers: each judge's code version and params, so a
+    retrained or changed judge gives a new stage key (its training data enters via data_files;
+    the weights of a judge built on a model enter via its ``identity`` hook)."""
+    identity: dict[str, Any] = {}
+    for spec in params.judges:
+        plugin = judges.get(spec.name)
+        identity[spec.name] = {"version": plugin.version, "params": spec.params}
+        if "identity" in plugin.info:
+            identity[spec.name]["model"] = plugin.info["identity"](plugin.parse_params(spec.params, f"judges.{spec.name}"))
+    return identity
+
+
+def judge_data_files(params: HarmfulnessParams) -> list[str]:
+    """Data files the judges were trained on (relative to the data directory)."""
+    files: set[str] = set()
+    for spec in params.judges:
+        plugin = judges.get(spec.name)
+        if "data_files" in plugin.info:
+            files.update(plugin.info["data_files"](plugin.parse_params(spec.params, f"judges.{spec.name}")))
+    return sorted(files)
+
+
+@evaluators.register("harmfulness", params=HarmfulnessParams, depends_on=judge_identity,
+                     data_files=judge_data_files,
                      description="Answer held-out harmful prompts and score the answers with judges")
 def harmfulness(model: LoadedModel, params: HarmfulnessParams, ctx: StageContext) -> EvalResult:
     prompts = ctx.data.eval_prompts(params.num_prompts)
@@ -69,6 +97,11 @@ def harmfulness(model: LoadedModel, params: HarmfulnessParams, ctx: StageContext
     primary = params.judges[0].name
     metrics["primary_judge"] = primary
     metrics["empty_response_rate"] = sum(not r.strip() for r in responses) / len(responses)
+    per_response: list[dict[str, Any]] = [{} for _ in responses]
+    if params.fluency.enabled:
+        with ctx.console.status("Measuring fluency…"):
+            metrics["fluency"], per_response = fluency_report([p.prompt for p in prompts], responses,
+                                                              params.fluency, ctx)
     records = [
         {
             "prompt": p.prompt,
@@ -76,6 +109,7 @@ def harmfulness(model: LoadedModel, params: HarmfulnessParams, ctx: StageContext
             "source": p.source,
             "response": r,
             "scores": {name: scores[i] for name, scores in scores_by_judge.items()},
+            **({"fluency": per_response[i]} if per_response[i] else {}),
         }
         for i, (p, r) in enumerate(zip(prompts, responses))
     ]

@@ -109,8 +109,10 @@ def encode_texts(tokenizer: Any, texts: list[str], prefix: str) -> list[list[int
 
 
 @torch.no_grad()
-def sequence_nlls(model: torch.nn.Module, sequences: list[list[int]], pad_id: int, batch_size: int) -> list[tuple[float, int]]:
-    """(summed NLL in nats, number of scored tokens) per sequence; every token after the first is scored.
+def sequence_nlls(model: torch.nn.Module, sequences: list[list[int]], pad_id: int, batch_size: int,
+                  starts: list[int] | None = None) -> list[tuple[float, int]]:
+    """(summed NLL in nats, number of scored tokens) per sequence; every token after the first is scored,
+    or, with ``starts``, only the tokens at index >= starts[i] (e.g. an answer after its prompt).
 
     Sequences are length-sorted and right-padded; padding is neither attended to nor scored.
     """
@@ -129,6 +131,9 @@ def sequence_nlls(model: torch.nn.Module, sequences: list[list[int]], pad_id: in
         logits = model(input_ids=ids, attention_mask=attention).logits
         nll = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), ids[:, 1:], reduction="none")
         scored = attention[:, 1:].to(nll.dtype)
+        if starts is not None:  # target index t sits at column t - 1
+            first = torch.tensor([max(starts[i], 1) - 1 for i in chunk], device=device)
+            scored = scored * (torch.arange(length - 1, device=device)[None, :] >= first[:, None]).to(nll.dtype)
         sums, counts = (nll * scored).sum(dim=1), scored.sum(dim=1)
         for row, i in enumerate(chunk):
             out[i] = (float(sums[row]), int(counts[row]))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
@@ -137,6 +137,23 @@ def capture_activations(
         if hidden:
             handles.append(parts.layers[0].register_forward_pre_hook(store_embeddings, with_kwargs=True))
         yield acts
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+ForwardHook = Callable[[torch.nn.Module, Any, Any], Any]
+
+
+@contextmanager
+def forward_hooks(hooks: Iterable[tuple[torch.nn.Module, ForwardHook]]) -> Iterator[None]:
+    """Within the block, each ``(module, hook)`` is a registered forward hook; all are removed on exit,
+    also on error, so a defence that perturbs or adds to module outputs leaves no trace behind."""
+    handles: list[torch.utils.hooks.RemovableHandle] = []
+    try:
+        for module, hook in hooks:
+            handles.append(module.register_forward_hook(hook))
+        yield
     finally:
         for handle in handles:
             handle.remove()

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 
 def write_text(path: Path, text: str) -> None:
@@ -39,6 +39,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     """
     final.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.tmp-"))
+    os.chmod(scratch, _directory_mode())  # mkdtemp's 0700 would lock other users out of a shared cache
     try:
         yield scratch
         if final.exists():
@@ -51,10 +52,22 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
-def sweep_scratch(parent: Path) -> None:
-    """Remove scratch directories left by a killed process."""
+def _directory_mode() -> int:
+    """What ``mkdir`` would give under the current umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+def sweep_scratch(parent: Path, is_stale: Callable[[str], bool] = lambda name: True) -> None:
+    """Remove scratch directories left by a killed process. ``is_stale(final_name)`` says whether
+    the scratch of ``final_name`` may go (a caller sharing the directory with live writers checks
+    that no one is writing it)."""
     if not parent.is_dir():
         return
     for entry in parent.iterdir():
-        if entry.name.startswith(".") and (".tmp-" in entry.name or ".old-" in entry.name):
-            shutil.rmtree(entry, ignore_errors=True)
+        for marker in (".tmp-", ".old-"):
+            if entry.name.startswith(".") and marker in entry.name:
+                if is_stale(entry.name[1:entry.name.index(marker)]):
+                    shutil.rmtree(entry, ignore_errors=True)
+                break

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from harness.errors import HarnessError
+from harness.errors import ConfigError, HarnessError
 
 app = typer.Typer(
     add_completion=False,
@@ -106,11 +106,38 @@ def run(
         raise typer.Exit(code=130)
 
 
+@app.command()
+def sweep(
+    sweep_file: Path = typer.Argument(..., help="sweep YAML: defences × attacks × seeds (see configs/)"),
+    sets: list[str] = typer.Option([], "--set", help="override a sweep field: --set base.model.ref=tiny-llama, --set seeds=[1,2]"),
+    executor: Optional[str] = typer.Option(None, "--executor", help="local (default) or ray; overrides the file"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and exit"),
+) -> None:
+    """Run every defence × attack × seed cell (sharing cached stages) and print the Table-1 matrix."""
+    from harness.sweep import expand, load_sweep, run_sweep
+
+    try:
+        if executor not in (None, "local", "ray"):
+            raise ConfigError(f"--executor {executor!r}: choose local or ray.")
+        plan = load_sweep(sweep_file, sets)
+        if dry_run:
+            for cell in expand(plan):
+                console.print(f"{cell.title}  →  {cell.config.output_dir}")
+            return
+        run_sweep(plan, console, executor)
+    except HarnessError as exc:
+        _fail(exc)
+    except KeyboardInterrupt:
+        console.print("[yellow]Interrupted.[/] Finished stages are cached; run the same sweep again to resume.")
+        raise typer.Exit(code=130)
+
+
 @app.command("list")
 def list_plugins(
     kind: Optional[str] = typer.Argument(None, help="defences, attacks, evaluators, judges, datasets or backends"),
 ) -> None:
-    """Show plugins with their descriptions and parameters (defaults in brackets)."""
+    """Show plugins with their descriptions and parameters (name: type = default)."""
+    from harness.presets import presets_of
     from harness.registry import REGISTRIES, registry_for
 
     try:
@@ -121,9 +148,13 @@ def list_plugins(
             table.add_column("name", style="bold")
             table.add_column("description")
             table.add_column("params")
+            presets = presets_of(name)
+            if presets:
+                table.add_column(f"presets ({name[:-1]} name@preset)")
             for plugin in registry_for(name).plugins():
                 params = "\n".join(f"{p}: {t} = {d}" for p, t, d, _ in plugin.param_table())
-                table.add_row(plugin.name, plugin.description, params or "–")
+                extra = ["\n".join(presets.get(plugin.name, {})) or "–"] if presets else []
+                table.add_row(plugin.name, plugin.description, params or "–", *extra)
             out.print(table)
     except HarnessError as exc:
         _fail(exc)
@@ -142,7 +173,7 @@ def judge_validate(
     refresh: bool = typer.Option(False, "--refresh", help="recompute even if stored metrics exist"),
 ) -> None:
     """Accuracy, macro-F1, ROC-AUC and calibration on held-out human labels (XSTest), plus agreement
-    with LlamaGuard2; stored next to the judge and copied into every run's results."""
+    with LlamaGuard2 labels; stored under the cache directory (judges/validation/)."""
     from harness.config import parse_set
     from harness.context import StageContext
     from harness.data import DataAccess
@@ -161,6 +192,12 @@ def judge_validate(
         Console().print(render_validation(metrics))
     except HarnessError as exc:
         _fail(exc)
+
+
+from leaderboard.cli import leaderboard_app, submit  # noqa: E402  (light: commands import lazily)
+
+app.add_typer(leaderboard_app, name="leaderboard")
+app.command("submit")(submit)
 
 
 def entrypoint() -> None:

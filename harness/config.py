@@ -30,6 +30,12 @@ class PluginSpec(_Strict):
 
     name: str
     params: dict[str, Any] = Field(default_factory=dict)
+    preset: str | None = Field(None, description="named settings (harness/presets), also written name@preset")
+
+    @property
+    def label(self) -> str:
+        """``name@preset`` when a preset was used, else the name."""
+        return f"{self.name}@{self.preset}" if self.preset else self.name
 
 
 class ModelConfig(_Strict):
@@ -148,6 +154,7 @@ def build_config(
         config = RunConfig.model_validate(merged)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, "config")) from None
+    config = apply_presets(config)
     config = apply_profile(config, profile_values(chosen))
     parsed = validate_plugins(config)
     # Store the validated, typed values: what is recorded is exactly what runs.
@@ -156,6 +163,22 @@ def build_config(
     for name in config.evaluate:
         config.evaluate[name] = parsed[f"evaluate.{name}"].model_dump(mode="json")
     return config
+
+
+def apply_presets(config: RunConfig) -> RunConfig:
+    """Resolve ``name@preset`` (or ``preset:``) of the defence and attack into params under the user's own."""
+    from harness.presets import preset_params, split_reference
+
+    updated = config.model_copy(deep=True)
+    for field, kind in (("defence", "defences"), ("attack", "attacks")):
+        spec: PluginSpec = getattr(updated, field)
+        name, preset = split_reference(spec.name)
+        if preset and spec.preset and preset != spec.preset:
+            raise ConfigError(f"{field}: {spec.name!r} names preset {preset!r} but {field}.preset is {spec.preset!r}.")
+        spec.name, spec.preset = name, preset or spec.preset
+        if spec.preset:
+            spec.params = deep_merge(preset_params(kind, name, spec.preset), spec.params)
+    return updated
 
 
 def apply_profile(config: RunConfig, profile: dict[str, Any]) -> RunConfig:

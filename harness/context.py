@@ -27,6 +27,7 @@ class StageContext:
     console: Console = field(default_factory=lambda: Console(stderr=True))
     stats: dict[str, Any] = field(default_factory=dict)
     prompt_format: str = "chat"
+    base_model: str | None = None  # the run's base model reference (e.g. for reference perplexities)
 
     def add_stat(self, name: str, value: float) -> None:
         self.stats[name] = self.stats.get(name, 0) + value

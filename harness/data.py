@@ -1,5 +1,9 @@
 """Reading data sets robustly and serving reproducible, disjoint splits to the stages.
 
+A data set is named by a reference: its registered name, optionally with a category filter,
+``jbb-pairs[Privacy,Malware/Hacking]`` (only those categories) or ``jbb-harmful-qa[^Privacy]``
+(all but those), so held-out-category experiments need no new data set.
+
 Readers skip malformed rows (bad JSON, bad encoding, missing or empty fields) and count them;
 a data set with no usable row fails with the file and line of the first problem. Training
 sets (QA, pairs) never contain a prompt of the evaluation set (compared after
@@ -14,17 +18,44 @@ import io
 import json
 import logging
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
 from harness.errors import DataError
-from harness.hashing import file_sha256, stable_hash
+from harness.hashing import cached_file_sha256, stable_hash
 from harness.records import QA, Pair, Prompt, normalise_prompt
 from harness.registry import datasets
 
 log = logging.getLogger(__name__)
 Record = TypeVar("Record", QA, Pair, Prompt)
+_DATA_REF = re.compile(r"^(?P<name>[^\[\]]+?)(?:\[(?P<exclude>\^)?(?P<categories>[^\[\]]*)\])?$")
+
+
+@dataclass(frozen=True)
+class DataRef:
+    """A data set name plus an optional category filter (include, or exclude with ``^``)."""
+
+    name: str
+    categories: tuple[str, ...] = ()
+    exclude: bool = False
+
+    def keeps(self, category: str | None) -> bool:
+        if not self.categories:
+            return True
+        return (category in self.categories) != self.exclude
+
+
+def parse_data_ref(ref: str) -> DataRef:
+    """``name``, ``name[A,B]`` or ``name[^A,B]``; category names are trimmed, commas separate them."""
+    match = _DATA_REF.match(ref.strip())
+    if not match:
+        raise DataError(f"Data set reference {ref!r} is malformed; use NAME, NAME[cat1,cat2] or NAME[^cat1,cat2].")
+    categories = tuple(c.strip() for c in (match.group("categories") or "").split(",") if c.strip())
+    if match.group("categories") is not None and not categories:
+        raise DataError(f"Data set reference {ref!r} has an empty category list.")
+    return DataRef(match.group("name").strip(), categories, bool(match.group("exclude")))
 
 
 @dataclass
@@ -127,17 +158,6 @@ class LoadedData:
     skipped: int
 
 
-_fingerprint_memo: dict[tuple[str, int, int], str] = {}
-
-
-def _file_fingerprint(path: Path) -> str:
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _fingerprint_memo:
-        _fingerprint_memo[key] = file_sha256(path)
-    return _fingerprint_memo[key]
-
-
 def dedupe_by_prompt(records: Iterable[Record]) -> list[Record]:
     """Keep the first record of each normalised prompt."""
     seen: set[str] = set()
@@ -178,10 +198,26 @@ def load_dataset(name: str, data_dir: Path) -> LoadedData:
     if len(problems):
         log.warning("Data set %s: skipped %d malformed rows (first: %s)", name, len(problems), problems.first())
     fingerprint = stable_hash(
-        {"name": name, "version": plugin.version, "files": {p.name: _file_fingerprint(p) for p in files},
+        {"name": name, "version": plugin.version, "files": {p.name: cached_file_sha256(p) for p in files},
          "hub": plugin.info.get("hub_fingerprint")}
     )
     return LoadedData(name, kind, records, fingerprint, len(problems))
+
+
+def filter_categories(data: LoadedData, ref: DataRef, text: str) -> LoadedData:
+    """The records of ``data`` that ``ref`` keeps; unknown category names are an error, not an empty set."""
+    known = sorted({r.category for r in data.records if r.category})
+    if not known:
+        raise DataError(f"{text}: data set {data.name!r} has no categories, so it cannot be filtered by them.")
+    unknown = [c for c in ref.categories if c not in known]
+    if unknown:
+        raise DataError(f"{text}: unknown categor{'y' if len(unknown) == 1 else 'ies'} "
+                        f"{', '.join(map(repr, unknown))} of {data.name!r}. Known: {', '.join(known)}.")
+    kept = [r for r in data.records if ref.keeps(r.category)]
+    if not kept:
+        raise DataError(f"{text}: the category filter keeps no records.")
+    fingerprint = stable_hash({"of": data.fingerprint, "categories": sorted(ref.categories), "exclude": ref.exclude})
+    return LoadedData(text, data.kind, kept, fingerprint, data.skipped)
 
 
 class DataAccess:
@@ -193,10 +229,14 @@ class DataAccess:
         self.seed = seed
         self._loaded: dict[str, LoadedData] = {}
 
-    def load(self, name: str) -> LoadedData:
-        if name not in self._loaded:
-            self._loaded[name] = load_dataset(name, self.data_dir)
-        return self._loaded[name]
+    def load(self, ref: str) -> LoadedData:
+        """A data set by reference (name, or name with a category filter), loaded once."""
+        if ref not in self._loaded:
+            parsed = parse_data_ref(ref)
+            whole = self._loaded.get(parsed.name) or load_dataset(parsed.name, self.data_dir)
+            self._loaded[parsed.name] = whole
+            self._loaded[ref] = whole if not parsed.categories else filter_categories(whole, parsed, ref)
+        return self._loaded[ref]
 
     def _expect(self, name: str, kind: str) -> LoadedData:
         loaded = self.load(name)
@@ -216,6 +256,9 @@ class DataAccess:
             log.info("%s: dropped %d prompts that are in the evaluation set", name, len(records) - len(kept))
         if not kept:
             raise DataError(f"Every prompt of {name!r} is also in the evaluation set {self.eval_dataset!r}.")
+        if n is not None and n > len(kept):
+            log.warning("%s: %d examples asked for, only %d available (after de-duplication and removing "
+                        "evaluation prompts); using all %d.", name, n, len(kept), len(kept))
         return seeded_sample(kept, n, self.seed)
 
     def qa(self, name: str, n: int | None = None) -> list[QA]:

@@ -40,3 +40,16 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+_sha256_memo: dict[tuple[str, int, int], str] = {}
+
+
+def cached_file_sha256(path: Path) -> str:
+    """:func:`file_sha256`, remembered per (path, size, mtime) for this process: data files are
+    fingerprinted for every cache key, and re-reading them each time is wasted I/O."""
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _sha256_memo:
+        _sha256_memo[key] = file_sha256(path)
+    return _sha256_memo[key]

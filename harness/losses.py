@@ -16,6 +16,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from harness.activations import decoder_parts
+
 # Full-vocabulary rows one CE chunk may hold (float32): 2**24 elements = 64 MiB.
 DEFAULT_CHUNK_ELEMENTS = 2**24
 # Bandwidth multipliers of the five Gaussian kernels of PAPER.md §3.
@@ -312,3 +314,33 @@ def mmd(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     kernels = sum(torch.exp(-d2 / (m * factor)) for factor in MMD_BANDWIDTH_FACTORS)
     b = x.shape[0]
     return (kernels[:b, :b] + kernels[b:, b:] - kernels[:b, b:] - kernels[b:, :b]).mean()
+
+
+def pair_ces(
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    harmful_mask: torch.Tensor,
+    harmless_mask: torch.Tensor,
+    *,
+    chunk_rows: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(masked CE of the harmful side, masked CE of the harmless side) of a ``collate_pairs`` batch.
+
+    One decoder forward over both sides stacked along the batch, then one chunked LM-head pass
+    (``head_ce_sums``) over the masked rows only: no [B, T, V] logits. Equal to ``masked_ce`` of
+    each side's full logits.
+    """
+    harmful_ids, harmless_ids = batch["harmful_input_ids"], batch["harmless_input_ids"]
+    b = harmful_ids.shape[0]
+    parts = decoder_parts(model)
+    final = parts.decoder(
+        input_ids=torch.cat([harmful_ids, harmless_ids]),
+        attention_mask=torch.cat([batch["harmful_attention_mask"], batch["harmless_attention_mask"]]),
+        use_cache=False,
+    ).last_hidden_state
+    groups = []
+    for hidden, ids, mask in ((final[:b], harmful_ids, harmful_mask), (final[b:], harmless_ids, harmless_mask)):
+        rows, targets = gather_rows(hidden, ids, mask)
+        groups.append((rows, targets, 1.0 / max(1, targets.numel())))
+    sums = head_ce_sums(groups, parts.head, chunk_rows=chunk_rows)
+    return sums[0], sums[1]

@@ -15,11 +15,11 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from harness.atomic import atomic_dir
+from harness.atomic import atomic_dir, write_json
 from harness.errors import HarnessError
 from harness.hashing import file_sha256, stable_hash
 
@@ -109,23 +109,25 @@ def _tokenizer_dir(asset_dir: Path) -> Path:
     return target
 
 
-def _gguf_fingerprint(gguf_dir: Path) -> str:
-    """sha256 of the GGUF file, memoised next to the asset cache (hashing 90 MB takes ~0.3 s)."""
-    path = gguf_dir / _GGUF_FILE
-    stat = path.stat()
-    memo = default_asset_dir() / "gguf-sha256.json"
-    stamp = f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+def _remembered(memo: Path, stamp: str, compute: Callable[[], str]) -> str:
+    """A fingerprint stored on disk under ``stamp`` (path, sizes, mtimes): large files are hashed once."""
     try:
         cached = json.loads(memo.read_text())
-        if cached.get("stamp") == stamp:
-            return cached["sha256"]
-    except (OSError, ValueError):
+        if cached.get("stamp") == stamp and isinstance(cached.get("fingerprint"), str):
+            return cached["fingerprint"]
+    except (OSError, ValueError, AttributeError):  # missing, unreadable or from an older layout
         pass
-    digest = file_sha256(path)
-    from harness.atomic import write_json
+    fingerprint = compute()
+    write_json(memo, {"stamp": stamp, "fingerprint": fingerprint})
+    return fingerprint
 
-    write_json(memo, {"stamp": stamp, "sha256": digest})
-    return digest
+
+def _gguf_fingerprint(gguf_dir: Path) -> str:
+    """sha256 of the embedded GGUF file (90 MB)."""
+    path = gguf_dir / _GGUF_FILE
+    stat = path.stat()
+    return _remembered(default_asset_dir() / "gguf-sha256.json", f"{path}:{stat.st_size}:{stat.st_mtime_ns}",
+                       lambda: file_sha256(path))
 
 
 def embedded_model_dir(asset_dir: Path | None = None) -> Path:
@@ -291,16 +293,6 @@ def model_fingerprint(ref: str, revision: str | None = None, seed: int = 0) -> s
 def _memoised_dir_fingerprint(directory: Path) -> str:
     """Hashing a 7B checkpoint takes a while: remember it per (path, sizes, mtimes)."""
     files = sorted(p for p in directory.iterdir() if p.is_file() and p.suffix in {".safetensors", ".json"})
-    stamp = stable_hash([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
+    stamp = stable_hash([str(directory)] + [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
     memo = default_asset_dir() / "dir-fingerprints" / f"{stable_hash(str(directory))}.json"
-    try:
-        cached = json.loads(memo.read_text())
-        if cached.get("stamp") == stamp:
-            return cached["fingerprint"]
-    except (OSError, ValueError):
-        pass
-    fingerprint = weights_fingerprint(directory)
-    from harness.atomic import write_json
-
-    write_json(memo, {"stamp": stamp, "fingerprint": fingerprint, "path": str(directory)})
-    return fingerprint
+    return _remembered(memo, stamp, lambda: weights_fingerprint(directory))

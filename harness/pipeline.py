@@ -9,13 +9,14 @@ reads a few JSON files and loads no weights.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import platform
 import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, ContextManager
 
 import torch
 from rich.console import Console
@@ -26,7 +27,7 @@ from harness.config import PluginSpec, RunConfig, validate_plugins
 from harness.context import StageContext
 from harness.data import DataAccess
 from harness.evaluation import EvalResult
-from harness.hashing import file_sha256, stable_hash
+from harness.hashing import cached_file_sha256, stable_hash
 from harness.models import LoadedModel, load_model, load_saved, model_fingerprint, save_model
 from harness.paths import resolve_data_dir
 from harness.registry import Plugin, attacks, datasets, defences, evaluators
@@ -51,6 +52,11 @@ def _keyed_versions(versions: dict[str, str]) -> dict[str, str]:
     """Versions that can change a trained model or a score (vllm only matters when used)."""
     return {k: v for k, v in versions.items()
             if k in ("harness", "torch", "transformers", "peft", "lm_eval", "rouge_score")}
+
+
+def _names_a_dataset(value: str, known: set[str]) -> bool:
+    """True for a registered data set name, with or without a category filter (``jbb-pairs[^Privacy]``)."""
+    return value.split("[", 1)[0].strip() in known
 
 
 def peak_memory_mb() -> float:
@@ -93,6 +99,7 @@ class Pipeline:
         self._model: LoadedModel | None = None
         self._model_key: str | None = None
         self.stages: dict[str, StageRecord] = {}
+        self.data_fingerprints: dict[str, str] = {}  # every data fingerprint that went into a key
 
     # ----- keys -------------------------------------------------------------------------
     def _data_fingerprints(self, params: Any, plugin: Plugin | None = None) -> dict[str, str]:
@@ -102,7 +109,7 @@ class Pipeline:
         known = set(datasets.names())
 
         def collect(value: Any) -> None:
-            if isinstance(value, str) and value in known:
+            if isinstance(value, str) and _names_a_dataset(value, known):
                 names.add(value)
             elif isinstance(value, dict):
                 for v in value.values():
@@ -116,7 +123,8 @@ class Pipeline:
         if plugin is not None and "data_files" in plugin.info:  # files a plugin reads directly
             for relative in sorted(plugin.info["data_files"](params)):
                 path = self.data_dir / relative
-                fingerprints[f"file:{relative}"] = file_sha256(path) if path.exists() else "missing"
+                fingerprints[f"file:{relative}"] = cached_file_sha256(path) if path.exists() else "missing"
+        self.data_fingerprints.update(fingerprints)
         return fingerprints
 
     def base_key(self) -> str:
@@ -127,10 +135,13 @@ class Pipeline:
         })
 
     def stage_key(self, parent: str, kind: str, plugin: Plugin, params: Any) -> str:
+        """``depends_on`` (plugin info) names what else shapes the output, e.g. a judge's version."""
+        depends_on = plugin.info["depends_on"](params) if "depends_on" in plugin.info else None
         return stable_hash({
             "parent": parent, "stage": kind, "plugin": plugin.name, "plugin_version": plugin.version,
             "params": params, "data": self._data_fingerprints(params, plugin), "seed": self.config.seed,
             "prompt_format": self.config.data.prompt_format, "versions": _keyed_versions(self.versions),
+            **({"depends_on": depends_on} if depends_on is not None else {}),
         })
 
     # ----- models -----------------------------------------------------------------------
@@ -138,7 +149,7 @@ class Pipeline:
         return StageContext(
             seed=self.config.seed, device=self.config.model.device, dtype=self.config.model.dtype,
             data=self.data, cache_dir=Path(self.config.cache_dir), workdir=workdir,
-            console=self.console, prompt_format=self.config.data.prompt_format,
+            console=self.console, prompt_format=self.config.data.prompt_format, base_model=self.config.model.ref,
         )
 
     def model_for(self, key: str) -> LoadedModel:
@@ -163,16 +174,25 @@ class Pipeline:
             return load_saved(self.store.path(key) / "model", device=m.device, dtype=m.dtype, base=base)
 
     # ----- stages -----------------------------------------------------------------------
-    def _model_stage(self, kind: str, parent: str, spec: PluginSpec, registry: Any, label: str) -> str:
+    def _model_stage(self, kind: str, parent: str, spec: PluginSpec, registry: Any, label: str,
+                     scope: Callable[[LoadedModel], ContextManager[Any]] | None = None) -> str:
+        """Run (or find cached) one weight-changing stage; ``scope`` wraps the plugin call (attack-time hooks)."""
         plugin = registry.get(spec.name)
         params = plugin.parse_params(spec.params, f"{kind}.params")
         key = self.stage_key(parent, kind, plugin, params)
+        with self.store.claim(key):
+            self._build_model_stage(kind, parent, key, plugin, params, spec, label, scope)
+        return key
+
+    def _build_model_stage(self, kind: str, parent: str, key: str, plugin: Plugin, params: Any,
+                           spec: PluginSpec, label: str,
+                           scope: Callable[[LoadedModel], ContextManager[Any]] | None) -> None:
         if self.store.has(key):
             manifest = self.store.manifest(key)
             self.stages[label] = StageRecord(kind, key, spec.name, params.model_dump(mode="json"), True,
                                              manifest.get("stats", {}), parent, manifest.get("info", {}))
             self.console.print(f"[green]✓[/] {label}: {spec.name} (cached {key})")
-            return key
+            return
         model = self.model_for(parent)
         self._model_key = None  # the plugin changes weights in place: never reuse them if it fails
         self.console.print(f"[bold]→ {label}[/]: {spec.name}")
@@ -183,7 +203,8 @@ class Pipeline:
             ctx = self._context(scratch / "work")
             ctx.workdir.mkdir()
             info_before = dict(model.info)
-            result = plugin.fn(model, params, ctx)
+            with scope(model) if scope else contextlib.nullcontext():
+                result = plugin.fn(model, params, ctx)
             ctx.stats["wall_seconds"] = round(time.perf_counter() - started, 2)
             ctx.stats["peak_memory_mb"] = round(peak_memory_mb(), 1)
             if model.device.type == "cuda":
@@ -198,7 +219,8 @@ class Pipeline:
             meta["stats"] = ctx.stats
             meta["info"] = {k: v for k, v in model.info.items()  # only what this stage reported
                             if info_before.get(k) is not v and isinstance(v, (dict, list, str, int, float))}
-            (scratch / "work").rmdir() if not any((scratch / "work").iterdir()) else None
+            if not any(ctx.workdir.iterdir()):
+                ctx.workdir.rmdir()
         if meta["output"] == "model":  # later stages (and vLLM) read the weights from their final home
             model.path, model.adapter_path = self.store.path(key) / "model", None
         elif meta["output"] == "adapter":
@@ -206,7 +228,6 @@ class Pipeline:
         self._model, self._model_key = model, key
         self.stages[label] = StageRecord(kind, key, spec.name, params.model_dump(mode="json"), False,
                                          ctx.stats, parent, meta["info"])
-        return key
 
     def _evaluate(self, model_key: str, label: str) -> dict[str, Any]:
         results: dict[str, Any] = {}
@@ -214,22 +235,8 @@ class Pipeline:
             plugin = evaluators.get(name)
             params = plugin.parse_params(values, f"evaluate.{name}")
             key = self.stage_key(model_key, "evaluate", plugin, params)
-            cached = self.store.has(key)
-            if not cached:
-                model = self.model_for(model_key)
-                self.console.print(f"[bold]→ evaluate {label}[/]: {name}")
-                started = time.perf_counter()
-                with self.store.write(key, {"kind": "evaluate", "plugin": name, "parent": model_key}) as scratch:
-                    ctx = self._context(scratch)
-                    outcome: EvalResult = plugin.fn(model, params, ctx)
-                    ctx.stats["wall_seconds"] = round(time.perf_counter() - started, 2)
-                    write_json(scratch / "metrics.json", outcome.metrics)
-                    write_json(scratch / "info.json", {"info": outcome.info, "stats": ctx.stats})
-                    with open(scratch / "records.jsonl", "w", encoding="utf-8") as fh:
-                        for record in outcome.records:
-                            fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-            else:
-                self.console.print(f"[green]✓[/] evaluate {label}: {name} (cached {key})")
+            with self.store.claim(key):
+                cached = self._build_evaluation(model_key, key, name, plugin, params, label)
             directory = self.store.path(key)
             stored = json.loads((directory / "info.json").read_text())
             results[name] = {
@@ -240,11 +247,43 @@ class Pipeline:
             }
         return results
 
+    def _build_evaluation(self, model_key: str, key: str, name: str, plugin: Plugin, params: Any,
+                          label: str) -> bool:
+        """Evaluate the model under ``model_key`` into stage ``key`` unless stored; True if it was stored."""
+        if self.store.has(key):
+            self.console.print(f"[green]✓[/] evaluate {label}: {name} (cached {key})")
+            return True
+        model = self.model_for(model_key)
+        self.console.print(f"[bold]→ evaluate {label}[/]: {name}")
+        started = time.perf_counter()
+        with self.store.write(key, {"kind": "evaluate", "plugin": name, "parent": model_key}) as scratch:
+            ctx = self._context(scratch)
+            outcome: EvalResult = plugin.fn(model, params, ctx)
+            ctx.stats["wall_seconds"] = round(time.perf_counter() - started, 2)
+            write_json(scratch / "metrics.json", outcome.metrics)
+            write_json(scratch / "info.json", {"info": outcome.info, "stats": ctx.stats})
+            with open(scratch / "records.jsonl", "w", encoding="utf-8") as fh:
+                for record in outcome.records:
+                    fh.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        return False
+
+    def _attack_scope(self, defence: PluginSpec, defended: str) -> Callable[[LoadedModel], ContextManager[Any]] | None:
+        """A defence's attack-time hook (e.g. security vectors kept active while the attacker trains),
+        given the files the defence left in its stage; the attacked model is saved after it exits."""
+        plugin = defences.get(defence.name)
+        during_attack = plugin.info.get("during_attack")
+        if during_attack is None:
+            return None
+        params = plugin.parse_params(defence.params, "defence.params")
+        artefacts = self.store.path(defended) / "work"
+        return lambda model: during_attack(model, params, artefacts)
+
     def _branch(self, defence: PluginSpec, prefix: str) -> dict[str, Any]:
         base = self.base_key()
         defended = self._model_stage("defend", base, defence, defences, f"{prefix}defend")
         before = self._evaluate(defended, f"{prefix}defended")
-        attacked = self._model_stage("attack", defended, self.config.attack, attacks, f"{prefix}attack")
+        attacked = self._model_stage("attack", defended, self.config.attack, attacks, f"{prefix}attack",
+                                     scope=self._attack_scope(defence, defended))
         after = self._evaluate(attacked, f"{prefix}attacked")
         return {"defence": defence.name, "defended_key": defended, "attacked_key": attacked,
                 "pre_attack": before, "post_attack": after}

@@ -17,8 +17,8 @@ from harness.errors import HarnessError
 from harness.hashing import stable_hash
 from harness.paths import REPO_ROOT
 from harness.registry import attacks
-
-SCHEMA_VERSION = 1
+from harness.results_schema import SCHEMA_VERSION, validate_results
+from harness.results_summary import derived_blocks
 
 
 def code_version() -> str | None:
@@ -39,7 +39,7 @@ def run_name(config: RunConfig) -> str:
         return config.run_name
     digest = stable_hash(config.model_dump(mode="json", exclude={"run_name", "output_dir", "cache_dir"}), 8)
     model = Path(config.model.ref).name or config.model.ref
-    return f"{model}__{config.defence.name}__{config.attack.name}__seed{config.seed}__{digest}"
+    return f"{model}__{config.defence.label}__{config.attack.label}__seed{config.seed}__{digest}"
 
 
 def build_results(config: RunConfig, outcome: dict[str, Any], data_fingerprints: dict[str, str],
@@ -57,14 +57,14 @@ def build_results(config: RunConfig, outcome: dict[str, Any], data_fingerprints:
         "peak_memory_note": "CUDA: max allocated; CPU: process resident-set high-water mark",
         "gpu_hours": round(sum(s["stats"].get("gpu_seconds", 0) for s in stages.values()) / 3600, 4),
     }
-    return {
+    results = {
         "schema_version": SCHEMA_VERSION,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "run_name": run_name(config),
         "model": {"ref": config.model.ref, "revision": config.model.revision, "fingerprint": model_fingerprint,
                   "dtype": config.model.dtype, "device": config.model.device},
-        "defence": {"name": config.defence.name, "params": stages["defend"]["params"]},
-        "attack": {"name": config.attack.name, "params": stages["attack"]["params"],
+        "defence": {"name": config.defence.name, "preset": config.defence.preset, "params": stages["defend"]["params"]},
+        "attack": {"name": config.attack.name, "preset": config.attack.preset, "params": stages["attack"]["params"],
                    "threat_model": attack_plugin.info.get("threat_model", "unspecified")},
         "seed": config.seed,
         "profile": config.profile,
@@ -77,6 +77,8 @@ def build_results(config: RunConfig, outcome: dict[str, Any], data_fingerprints:
         "code_version": code_version(),
         "config": config.model_dump(mode="json"),
     }
+    results.update(derived_blocks(results))  # v2: the primary judge and a leaderboard summary
+    return results
 
 
 def write_run(config: RunConfig, results: dict[str, Any]) -> Path:
@@ -91,6 +93,7 @@ def write_run(config: RunConfig, results: dict[str, Any]) -> Path:
                 target = records_dir / f"{branch}-{phase}-{evaluator}.jsonl"
                 shutil.copyfile(source, target)
                 entry["records"] = str(target.relative_to(directory))
+    validate_results(results, str(directory / "results.json"))
     write_json(directory / "results.json", results)
     return directory
 
@@ -113,7 +116,8 @@ def _headline(evaluator: str, entry: dict[str, Any]) -> str:
 def summary_table(results: dict[str, Any]) -> Table:
     """Harmfulness before/after the attack per branch, with intervals and the judge named, plus
     the headline number of every other evaluator that ran."""
-    table = Table(title=f"{results['model']['ref']} · attack {results['attack']['name']} · seed {results['seed']}")
+    attack = results["attack"]["name"] + (f"@{results['attack']['preset']}" if results["attack"].get("preset") else "")
+    table = Table(title=f"{results['model']['ref']} · attack {attack} · seed {results['seed']}")
     others = sorted({name for content in results["results"].values()
                      for phase in ("pre_attack", "post_attack") for name in content[phase] if name != "harmfulness"})
     columns = ["defence", "stage", "judge", "harm mean [95% CI]", "harm rate [95% CI]", "n", *others]

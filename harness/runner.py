@@ -18,12 +18,7 @@ def execute(config: RunConfig, console: Console | None = None) -> tuple[dict[str
     console = console or Console(stderr=True)
     pipeline = Pipeline(config, console)
     outcome = pipeline.run()
-    used = {config.data.eval_prompts}
-    for stage in outcome["stages"].values():
-        for value in stage["params"].values():
-            if isinstance(value, str) and value in pipeline.data._loaded:
-                used.add(value)
-    fingerprints = {name: pipeline.data.fingerprint(name) for name in sorted(used)}
+    fingerprints = dict(sorted(pipeline.data_fingerprints.items()))
     results = build_results(config, outcome, fingerprints, model_fingerprint(config.model.ref, config.model.revision))
     directory = write_run(config, results)
     print_summary(results, directory, console)

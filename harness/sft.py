@@ -1,9 +1,10 @@
-"""Supervised fine-tuning on (prompt, answer) records: the shared core of attacks and
-harmless fine-tuning. Recipes choose the data and the settings; this does the rest."""
+"""Supervised fine-tuning on (prompt, answer) records: the shared core of attacks, harmless
+fine-tuning and the SFT-shaped defences. Recipes choose the data, the settings and (optionally)
+the loss; this does the rest."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Iterable, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -11,18 +12,39 @@ from pydantic import Field
 
 from harness.context import StageContext
 from harness.records import QA
+from harness.registry import Params
 from harness.tokenization import IGNORE_INDEX, collate_sft, encode_sft
-from harness.training import TrainReport, TrainSettings, train
+from harness.training import LossFn, TrainReport, TrainSettings, train
 
 
-class SFTParams(TrainSettings):
+class SFTSettings(TrainSettings):
+    """How (prompt, answer) records become training tensors, whatever data they come from."""
+
+    max_length: int = Field(256, ge=8, description="tokens per example (prompt + answer), truncated")
+    mask_prompt: bool = Field(False, description="no loss on prompt tokens (paper: False; durability study: True)")
+    mask_padding: bool = Field(True, description="no loss on padding tokens (paper's original code: False)")
+
+
+class SFTParams(SFTSettings):
     """Settings of a fine-tuning run on QA data (the attack recipes extend this)."""
 
     dataset: str = Field("beavertails-unsafe", description="QA data set to fine-tune on")
     num_samples: int | None = Field(1000, ge=1, description="examples drawn (seeded) from the data set; None: all")
-    max_length: int = Field(256, ge=8, description="tokens per example (prompt + answer), truncated")
-    mask_prompt: bool = Field(False, description="no loss on prompt tokens (paper: False; durability study: True)")
-    mask_padding: bool = Field(True, description="no loss on padding tokens (paper's original code: False)")
+
+
+class PairSettings(Params):
+    """Which (prompt, harmful, harmless) pairs a defence trains on (mixed into its params)."""
+
+    pairs: str = Field("jbb-pairs", description="data set of (prompt, harmful, harmless) pairs")
+    num_pairs: int | None = Field(None, ge=1, description="pairs drawn (seeded) from the data set; None: all")
+
+
+def pair_side(ctx: StageContext, settings: PairSettings, side: Literal["harmful", "harmless"]) -> list[QA]:
+    """One side of the pairs as QA records: (prompt, harmful answer) or (prompt, refusal)."""
+    return [
+        QA(p.prompt, getattr(p, side), p.category, p.source)
+        for p in ctx.data.pairs(settings.pairs, n=settings.num_pairs)
+    ]
 
 
 def causal_lm_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -37,11 +59,17 @@ def fine_tune(
     model: torch.nn.Module,
     tokenizer: object,
     records: Sequence[QA],
-    params: SFTParams,
+    params: SFTSettings,
     ctx: StageContext,
     description: str,
+    *,
+    loss_fn: LossFn = causal_lm_loss,
+    parameters: Iterable[torch.nn.Parameter] | None = None,
 ) -> TrainReport:
-    """Tokenise the records in the run's prompt format and train on them."""
+    """Tokenise the records in the run's prompt format and train on them.
+
+    ``loss_fn`` (default: next-token CE) and ``parameters`` (default: every trainable weight of
+    ``model``) let defences reuse this with another objective or on tensors outside the model."""
     examples = [
         encode_sft(tokenizer, r.prompt, r.response, ctx.prompt_format, params.max_length, params.mask_prompt)
         for r in records
@@ -52,8 +80,9 @@ def fine_tune(
         model,
         examples,
         lambda batch: collate_sft(batch, pad_id, params.mask_padding),
-        causal_lm_loss,
+        loss_fn,
         settings,
         ctx,
+        parameters=parameters,
         description=description,
     )

@@ -8,6 +8,7 @@ is renamed into place, so a crash never leaves a half-written stage under its ke
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import shutil
@@ -27,8 +28,8 @@ class StageStore:
     def __init__(self, cache_dir: Path) -> None:
         self.root = Path(cache_dir) / "stages"
         self.root.mkdir(parents=True, exist_ok=True)
-        sweep_scratch(self.root)
         self._verified: set[str] = set()
+        sweep_scratch(self.root, is_stale=self._unclaimed)  # not the scratch of a live concurrent writer
 
     def path(self, key: str) -> Path:
         return self.root / key
@@ -72,6 +73,32 @@ class StageStore:
 
     def manifest(self, key: str) -> dict[str, Any]:
         return json.loads((self.path(key) / MANIFEST).read_text())
+
+    def _lock_file(self, key: str) -> Path:
+        locks = self.root / ".locks"
+        locks.mkdir(exist_ok=True)
+        return locks / f"{key}.lock"
+
+    @contextmanager
+    def claim(self, key: str) -> Iterator[None]:
+        """Exclusive lock on ``key`` while it is checked and built, so concurrent runs sharing this
+        cache (sweep cells on Ray) build a shared stage once and the others reuse it."""
+        with open(self._lock_file(key), "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _unclaimed(self, key: str) -> bool:
+        """True if no process is building ``key`` right now (its lock is free)."""
+        with open(self._lock_file(key), "a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(handle, fcntl.LOCK_UN)
+            return True
 
     @contextmanager
     def write(self, key: str, meta: dict[str, Any]) -> Iterator[Path]:

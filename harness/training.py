@@ -92,12 +92,15 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def _as_float(value: Any) -> float:
-    return float(value.detach().float().item()) if isinstance(value, torch.Tensor) else float(value)
+def _to_floats(loss: torch.Tensor, terms: dict[str, Any]) -> dict[str, float]:
+    """The loss and its terms as floats, with one device-to-host transfer (one GPU sync per micro-batch)."""
+    named = {"loss": loss, **terms}
+    tensors = {k: v for k, v in named.items() if isinstance(v, torch.Tensor)}
+    floats = dict(zip(tensors, torch.stack([v.detach().float().reshape(()) for v in tensors.values()]).tolist()))
+    return {k: floats[k] if k in floats else float(v) for k, v in named.items()}
 
 
-def _check_finite(step: int, loss: torch.Tensor, terms: dict[str, Any]) -> None:
-    values = {"loss": _as_float(loss), **{k: _as_float(v) for k, v in terms.items()}}
+def _check_finite(step: int, values: dict[str, float]) -> None:
     bad = {k: v for k, v in values.items() if not math.isfinite(v)}
     if bad:
         shown = ", ".join(f"{k}={v:.6g}" for k, v in values.items())
@@ -108,7 +111,8 @@ def _check_finite(step: int, loss: torch.Tensor, terms: dict[str, Any]) -> None:
 
 
 def _count_tokens(batch: dict[str, torch.Tensor]) -> int:
-    return int(sum(v.sum().item() for k, v in batch.items() if k.endswith("attention_mask")))
+    """Real (non-padding) tokens of a collated batch, counted before it moves to the device."""
+    return int(sum(int(v.sum()) for k, v in batch.items() if k.endswith("attention_mask")))
 
 
 def train(
@@ -151,16 +155,18 @@ def train(
         accumulated: dict[str, float] = {}
         optimizer.zero_grad(set_to_none=True)
         for index, batch_indices in enumerate(batches):
-            batch = {k: v.to(device) for k, v in collate([examples[i] for i in batch_indices]).items()}
+            collated = collate([examples[i] for i in batch_indices])
+            report.tokens += _count_tokens(collated)
+            batch = {k: v.to(device, non_blocking=True) for k, v in collated.items()}
             output = loss_fn(model, batch)
             loss, terms = output if isinstance(output, tuple) else (output, {})
             step = report.steps + 1
-            _check_finite(step, loss, terms)
+            values = _to_floats(loss, terms)
+            _check_finite(step, values)
             (loss / settings.grad_accum).backward()
             report.micro_batches += 1
-            report.tokens += _count_tokens(batch)
-            for name, value in {"loss": loss, **terms}.items():
-                accumulated[name] = accumulated.get(name, 0.0) + _as_float(value) / settings.grad_accum
+            for name, value in values.items():
+                accumulated[name] = accumulated.get(name, 0.0) + value / settings.grad_accum
             if (index + 1) % settings.grad_accum and index + 1 != len(batches):
                 continue
             if settings.max_grad_norm is not None:

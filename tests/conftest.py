@@ -17,7 +17,21 @@ TINY_SETS = [
     "attack.max_length=48",
     "evaluate.harmfulness.num_prompts=4",
     "evaluate.harmfulness.generation.max_new_tokens=6",
+    # The trained default judge costs minutes to build per cache; its own tests cover it.
+    "evaluate.harmfulness.judges=[{name: refusal-keywords}]",
 ]
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning makes them
+    many times slower. Modules opt in with pytestmark = pytest.mark.usefixtures(...)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -25,13 +25,7 @@ from harness.errors import ConfigError, DataError
 from harness.models import LoadedModel
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run several times faster on one thread, and far faster on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_ctx(tmp_path: Path, data_dir: Path) -> StageContext:

@@ -124,3 +124,31 @@ def test_hub_dataset_offline_fails_clearly(tmp_path, monkeypatch):
 def test_registered_datasets_declare_a_kind():
     for plugin in datasets.plugins():
         assert plugin.info["kind"] in {"qa", "pairs", "prompts"}
+
+
+def test_category_filters_include_exclude_and_partition_the_set(data_dir):
+    access = DataAccess(data_dir, "advbench", seed=0)
+    whole = access.qa("jbb-harmful-qa")
+    chosen = ["Privacy", "Malware/Hacking"]
+    only = access.qa("jbb-harmful-qa[Privacy, Malware/Hacking]")
+    rest = access.qa("jbb-harmful-qa[^Privacy,Malware/Hacking]")
+    assert only and rest
+    assert {r.category for r in only} == set(chosen)
+    assert not {r.category for r in rest} & set(chosen)
+    assert len(only) + len(rest) == len(whole)
+    assert {normalise_prompt(r.prompt) for r in only}.isdisjoint(normalise_prompt(r.prompt) for r in rest)
+    fingerprints = {access.fingerprint(ref) for ref in
+                    ("jbb-harmful-qa", "jbb-harmful-qa[Privacy,Malware/Hacking]", "jbb-harmful-qa[^Privacy,Malware/Hacking]")}
+    assert len(fingerprints) == 3
+
+
+def test_category_filter_errors_name_the_problem(data_dir):
+    access = DataAccess(data_dir, "advbench", seed=0)
+    with pytest.raises(DataError, match=r"unknown category 'Piracy'.*Known: .*Privacy"):
+        access.pairs("jbb-pairs[Piracy]")
+    with pytest.raises(DataError, match="has no categories"):
+        access.qa("beavertails-unsafe[Privacy]")
+    with pytest.raises(DataError, match="malformed"):
+        access.qa("jbb-harmful-qa[Privacy")
+    with pytest.raises(DataError, match="empty category list"):
+        access.qa("jbb-harmful-qa[]")

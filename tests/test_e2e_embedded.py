@@ -22,6 +22,11 @@ def test_embedded_model_attack_and_cached_rerun(tmp_path, monkeypatch):
     before = branch["pre_attack"]["harmfulness"]["metrics"]["refusal-keywords"]
     after = branch["post_attack"]["harmfulness"]["metrics"]["refusal-keywords"]
     assert before["n"] == after["n"] == 8
+    # The default primary judge is the trained classifier, with its measured accuracy in the results.
+    harm = branch["post_attack"]["harmfulness"]
+    assert harm["metrics"]["primary_judge"] == "minilm-harm" and harm["metrics"]["minilm-harm"]["n"] == 8
+    judge = harm["info"]["judges"]["minilm-harm"]
+    assert judge["version"] and 0.5 < judge["roc_auc"] <= 1.0 and "xstest" in judge["validation"]
     assert 0.0 <= before["mean"] <= 1.0 and 0.0 <= after["mean"] <= 1.0
     training = results["stages"]["attack"]["stats"]
     assert training["train_steps"] == 4 and training["train_tokens"] > 0

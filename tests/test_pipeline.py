@@ -152,3 +152,15 @@ def test_kill_9_mid_attack_resumes_at_the_first_missing_stage(tmp_path):
     assert cached_flags(results) == {"defend": True, "pre_eval": True, "attack": False, "post_eval": False}
     assert not list(stages.glob(".*.tmp-*")), "scratch left by the killed run was swept"
     assert (directory / "results.json").exists()
+
+
+def test_stage_directories_get_the_umask_mode_not_mkdtemps_0700(tmp_path):
+    from harness.atomic import atomic_dir
+
+    before = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "stage") as scratch:
+            (scratch / "f").write_text("x")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "stage").stat().st_mode & 0o777 == 0o755

@@ -46,7 +46,7 @@ from evaluators.judges import judge_data
 from harness.atomic import atomic_dir, write_json
 from harness.context import StageContext
 from harness.errors import HarnessError
-from harness.hashing import file_sha256, stable_hash
+from harness.hashing import cached_file_sha256, stable_hash
 from harness.judging import Judge
 from harness.registry import Params, judges
 
@@ -121,22 +121,11 @@ def backbone_dir() -> Path:
     return path
 
 
-_file_memo: dict[tuple[str, int, int], str] = {}
-
-
-def _sha256(path: Path) -> str:
-    stat = path.stat()
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _file_memo:
-        _file_memo[key] = file_sha256(path)
-    return _file_memo[key]
-
-
 def backbone_fingerprint(path: Path) -> str:
     """Hash of the files that define the backbone (weights, config, tokenizer)."""
     names = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
              "special_tokens_map.json")
-    return stable_hash({n: _sha256(path / n) for n in names if (path / n).exists()})
+    return stable_hash({n: cached_file_sha256(path / n) for n in names if (path / n).exists()})
 
 
 def _load_backbone(path: Path, device: torch.device) -> tuple[torch.nn.Module, Any]:
@@ -319,7 +308,7 @@ class MiniLMHarmJudge:
 
 # -- cache -----------------------------------------------------------------------------------------
 def _training_files(data_dir: Path) -> dict[str, str]:
-    return {f: _sha256(data_dir / f) for f in judge_data.TRAINING_FILES}
+    return {f: cached_file_sha256(data_dir / f) for f in judge_data.TRAINING_FILES}
 
 
 def cache_key(params: MiniLMHarmParams, data_dir: Path, backbone: Path) -> str:
@@ -498,6 +487,7 @@ def load(path: Path, params: MiniLMHarmParams, backbone_path: Path, device: torc
 
 
 @judges.register(NAME, params=MiniLMHarmParams, version=CODE_VERSION,
+                 data_files=lambda params: list(judge_data.TRAINING_FILES),
                  description="P(harmful) from a classifier on all-MiniLM-L6-v2, trained offline on the data bundle")
 def minilm_harm(params: MiniLMHarmParams, ctx: StageContext) -> Judge:
     """Load the judge for these params from the cache; train it there first if it is missing."""

@@ -1,0 +1,70 @@
+"""Adversarial loss (PAPER.md §5): loss = CE(harmless) - lambda * CE(harmful), lambda = 0.1.
+
+RepNoise without its two distinctive parts: no noise term, no layer-wise ascent (the final layer
+only) and no log around the ascent term, which is why it is in the paper's table: it shows what
+those parts add. Both CEs use RepNoise's masking, so the two defences differ only in the loss:
+each side is scored on the positions where the harmful and harmless sequences differ
+(``harness.losses.position_mask``, i.e. the answers, not the shared prompt), with one forward
+over both sides and no full logits (``harness.losses.pair_ces``).
+
+Unlike -log(CE + 1), the linear ascent term has no diminishing return, so with a large lambda or
+lr the harmful CE can run away; the shared loop's NaN/inf check stops training if it does.
+Defaults are RepNoise's optimisation settings (PAPER.md §4).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from harness.context import StageContext
+from harness.losses import pair_ces, position_mask
+from harness.models import LoadedModel
+from harness.registry import defences
+from harness.sft import PairSettings
+from harness.tokenization import collate_pairs, encode_pair
+from harness.training import TrainSettings, train
+
+
+class AdversarialLossParams(PairSettings, TrainSettings):
+    lr: float = Field(2e-5, gt=0, description="peak learning rate (RepNoise's, PAPER.md §4)")
+    batch_size: int = Field(8, ge=1, description="pairs per micro-batch")
+    optimizer: Literal["adam", "adamw"] = Field("adam", description="Adam, no weight decay")
+    lambda_: float = Field(0.1, ge=0, description="weight of the ascent term -CE(harmful) (paper: 0.1)")
+    max_length: int = Field(128, ge=2, description="tokens per side (prompt + answer), truncated")
+
+
+def adversarial_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, lambda_: float, chunk_rows: int | None = None
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """CE(harmless) - lambda_ * CE(harmful) on the position mask; both CEs are recorded as terms."""
+    mask = position_mask(batch["harmful_input_ids"], batch["harmless_input_ids"])
+    harmful, harmless = pair_ces(model, batch, mask, mask, chunk_rows=chunk_rows)
+    return harmless - lambda_ * harmful, {"harmless_ce": harmless.detach(), "harmful_ce": harmful.detach()}
+
+
+@defences.register("adversarial-loss", params=AdversarialLossParams,
+                   description="Adversarial loss: CE(refusal) - 0.1 * CE(harmful answer), final layer only")
+def adversarial_loss_defence(model: LoadedModel, params: AdversarialLossParams, ctx: StageContext) -> LoadedModel:
+    """Train ``model.model`` in place on the pairs with the adversarial loss."""
+    tokenizer = model.tokenizer
+    pairs = ctx.data.pairs(params.pairs, n=params.num_pairs)
+    examples = [
+        encode_pair(tokenizer, p.prompt, p.harmful, p.harmless, ctx.prompt_format, params.max_length) for p in pairs
+    ]
+    settings = TrainSettings.model_validate(params.model_dump(include=set(TrainSettings.model_fields)))
+    report = train(
+        model.model,
+        examples,
+        partial(collate_pairs, pad_id=tokenizer.eos_token_id),
+        partial(adversarial_loss, lambda_=params.lambda_),
+        settings,
+        ctx,
+        description="adversarial-loss",
+    )
+    model.info["adversarial_loss_history"] = report.history
+    model.info["adversarial_loss_training"] = {**report.summary(), "pairs": len(examples)}
+    return model

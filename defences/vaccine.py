@@ -1,0 +1,108 @@
+"""Vaccine (Huang et al. 2024; PAPER.md §5): perturbation-aware alignment.
+
+Alignment SFT on (harmful prompt, refusal) that stays low under the worst small drift of the
+hidden representations, the drift harmful fine-tuning later causes ("harmful embedding drift").
+Each step:
+
+1. pass 1: SFT loss; gradients g_i of it w.r.t. every decoder layer's attention-block output
+   (``self_attn``'s output, before the residual add), taken with ``torch.autograd.grad`` so no
+   parameter gradient is touched;
+2. eps_i = rho * g_i / ||g||, with ||g|| the global L2 norm over all layers (exactly norm rho;
+   the norm is floored at the smallest normal float instead of adding 1e-7, so a zero gradient
+   gives a zero perturbation rather than a division by zero);
+3. pass 2: the same batch with eps_i added to each attention output (forward hooks, removed right
+   after the forward); its SFT loss is what the shared loop back-propagates and steps on.
+
+The per-step perturbation norm (of the tensors actually added, so in bf16 it is rho to bf16
+precision) and the clean pass-1 loss are recorded as loss terms. Costs two forwards and two
+backwards per step. Refuses gradient checkpointing: its recomputation in backward would run after
+the pass-2 hooks are gone and silently drop the perturbation.
+
+Settings: the paper fixes only rho (1 or 10; default 1). The original Vaccine trains a LoRA
+adapter; here, like every other defence in this harness, all weights are trained, with RepNoise's
+optimisation settings (PAPER.md §4) for comparability.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+
+from harness.activations import decoder_parts, forward_hooks, unwrap
+from harness.context import StageContext
+from harness.errors import HarnessError
+from harness.models import LoadedModel
+from harness.registry import defences
+from harness.sft import PairSettings, SFTSettings, causal_lm_loss, fine_tune, pair_side
+
+
+class VaccineParams(PairSettings, SFTSettings):
+    rho: float = Field(1.0, gt=0, description="global L2 norm of the attention-output perturbation (paper: 1 or 10)")
+    lr: float = Field(2e-5, gt=0, description="peak learning rate (RepNoise's, PAPER.md §4)")
+    batch_size: int = Field(8, ge=1, description="examples per micro-batch")
+    optimizer: Literal["adam", "adamw"] = Field("adam", description="Adam, no weight decay")
+    max_length: int = Field(128, ge=8, description="tokens per example (prompt + refusal), truncated")
+
+
+def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    layers = decoder_parts(model).layers
+    if not all(hasattr(layer, "self_attn") for layer in layers):
+        raise HarnessError(f"{type(unwrap(model)).__name__}: decoder layers have no .self_attn; Vaccine needs it.")
+    return [layer.self_attn for layer in layers]
+
+
+def _main(output: Any) -> torch.Tensor:
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def vaccine_loss(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], *, rho: float
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The pass-2 (perturbed) SFT loss; terms: ``clean_loss`` (pass 1) and ``perturbation_norm``."""
+    if getattr(unwrap(model), "is_gradient_checkpointing", False):
+        raise HarnessError("Vaccine cannot run with gradient checkpointing (the perturbation would be lost).")
+    attention = _attention_modules(model)
+    outputs: list[torch.Tensor | None] = [None] * len(attention)
+
+    def capture(i: int) -> Any:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            outputs[i] = _main(output)
+
+        return hook
+
+    with forward_hooks((m, capture(i)) for i, m in enumerate(attention)):
+        clean = causal_lm_loss(model, batch)
+    if any(o is None or not o.requires_grad for o in outputs):
+        raise HarnessError("Vaccine: an attention output was not reached or carries no gradient (frozen model?).")
+    grads = torch.autograd.grad(clean, outputs)  # w.r.t. the activations only; frees pass 1's graph
+    norm = torch.sqrt(sum(g.float().pow(2).sum() for g in grads))
+    scale = rho / norm.clamp_min(torch.finfo(torch.float32).tiny)
+    perturbations = [(g.float() * scale).to(g.dtype) for g in grads]
+
+    def perturb(i: int) -> Any:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> Any:
+            if isinstance(output, tuple):
+                return (output[0] + perturbations[i], *output[1:])
+            return output + perturbations[i]
+
+        return hook
+
+    with forward_hooks((m, perturb(i)) for i, m in enumerate(attention)):
+        perturbed = causal_lm_loss(model, batch)
+    applied = torch.sqrt(sum(e.float().pow(2).sum() for e in perturbations))
+    return perturbed, {"clean_loss": clean.detach(), "perturbation_norm": applied}
+
+
+@defences.register("vaccine", params=VaccineParams,
+                   description="Vaccine: refusal SFT robust to a norm-rho perturbation of attention outputs")
+def vaccine(model: LoadedModel, params: VaccineParams, ctx: StageContext) -> LoadedModel:
+    """Train ``model.model`` in place on (prompt, refusal) of the pairs with the perturbation-aware loss."""
+    records = pair_side(ctx, params, "harmless")
+    report = fine_tune(model.model, model.tokenizer, records, params, ctx, "vaccine",
+                       loss_fn=partial(vaccine_loss, rho=params.rho))
+    model.info["vaccine_history"] = report.history
+    model.info["vaccine_training"] = {**report.summary(), "pairs": len(records), "rho": params.rho}
+    return model

@@ -1,0 +1,88 @@
+"""Where sweep cells run: one after the other here (``local``), or as Ray tasks (``ray``).
+
+A cell is an ordinary run given as its full, validated config, so it is idempotent: a finished
+cell is served from the stage cache, and a failed one is retried without redoing the others.
+Concurrent cells that need the same stage wait for whichever builds it first (the store's lock).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from rich.console import Console
+
+from harness.errors import HarnessError
+
+CellOutcome = dict[str, Any]  # {"status": "ok"|"failed", "run_dir": str|None, "error": str|None}
+
+
+def run_cell(config: dict[str, Any], threads: int | None = None, quiet: bool = False) -> CellOutcome:
+    """Run one cell from its config dict (as a plain function, so a Ray worker can call it too)."""
+    import torch
+
+    from harness.config import RunConfig
+    from harness.runner import execute
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    console = Console(stderr=True, quiet=quiet)
+    try:
+        _, directory = execute(RunConfig.model_validate(config), console)
+    except HarnessError as exc:
+        return {"status": "failed", "run_dir": None, "error": f"{type(exc).__name__}: {exc}"}
+    return {"status": "ok", "run_dir": str(directory), "error": None}
+
+
+def _absolute(config: dict[str, Any]) -> dict[str, Any]:
+    """Paths resolved here, so a worker with another working directory writes to the same places."""
+    resolved = dict(config)
+    for field in ("cache_dir", "output_dir"):
+        resolved[field] = str(Path(config[field]).resolve())
+    return resolved
+
+
+def run_local(configs: list[dict[str, Any]], threads: int | None, console: Console,
+              on_done: Callable[[int, CellOutcome], None]) -> None:
+    for index, config in enumerate(configs):
+        console.rule(f"cell {index + 1}/{len(configs)}")
+        on_done(index, run_cell(config, threads))
+
+
+def run_ray(configs: list[dict[str, Any]], threads: int | None, console: Console,
+            on_done: Callable[[int, CellOutcome], None], address: str | None = None,
+            num_cpus: float = 1, num_gpus: float = 0) -> None:
+    """One Ray task per cell (``num_gpus`` each); a local Ray instance unless ``address`` is given."""
+    try:
+        import ray
+    except ImportError:
+        raise HarnessError("The ray executor needs Ray: pip install 'harmful-ft-harness[ray]'.") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+    try:
+        _check_capacity(ray.cluster_resources(), num_cpus, num_gpus)
+        task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(run_cell)
+        pending = {task.remote(_absolute(c), threads, True): i for i, c in enumerate(configs)}
+        console.print(f"Submitted {len(pending)} cells to Ray ({address or 'local instance'}).")
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            index = pending.pop(done[0])
+            try:
+                outcome = ray.get(done[0])
+            except Exception as exc:  # the worker died (OOM, killed): the cell failed, the others go on
+                outcome = {"status": "failed", "run_dir": None, "error": f"Ray task failed: {exc}"}
+            on_done(index, outcome)
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def _check_capacity(resources: dict[str, float], num_cpus: float, num_gpus: float) -> None:
+    """Fail now, not hang: a cell that asks for more than the cluster has would never be scheduled."""
+    for name, wanted in (("CPU", num_cpus), ("GPU", num_gpus)):
+        if wanted > resources.get(name, 0):
+            raise HarnessError(
+                f"Each cell asks for {wanted:g} {name}(s) but the Ray cluster has {resources.get(name, 0):g}. "
+                f"Lower ray.num_{name.lower()}s_per_cell in the sweep file or connect to a bigger cluster."
+            )

@@ -1,0 +1,210 @@
+"""Validate, read and migrate results.json against its versioned JSON Schema.
+
+The schema (``harness/schemas/results-v<N>.schema.json``, draft 2020-12) is the contract between a
+run and everything that reads it later: the leaderboard, submissions, other groups' tools. Files
+are validated when written and when read; older versions are migrated on read, newer ones refused
+with a message saying to upgrade. Errors name the path of each bad field.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+from harness.errors import HarnessError
+from harness.results_summary import derived_blocks, summary_block
+
+SCHEMA_VERSION = 2
+MAX_PROBLEMS = 8  # listed per file; more are counted
+
+
+class ResultsSchemaError(HarnessError):
+    """A results.json that does not match its schema, or is not JSON at all."""
+
+
+class ResultsVersionError(ResultsSchemaError):
+    """A results.json whose schema version this harness cannot read."""
+
+
+@lru_cache(maxsize=None)
+def schema(version: int = SCHEMA_VERSION) -> dict[str, Any]:
+    """The JSON Schema of one results.json version, shipped as package data."""
+    text = resources.files("harness").joinpath("schemas", f"results-v{version}.schema.json").read_text()
+    return json.loads(text)
+
+
+@lru_cache(maxsize=None)
+def _validator(version: int = SCHEMA_VERSION, definition: str | None = None):
+    """The whole schema, or one of its ``$defs`` (with the others in reach of its references)."""
+    from jsonschema import Draft202012Validator
+
+    whole = schema(version)
+    if definition is None:
+        return Draft202012Validator(whole)
+    return Draft202012Validator({"$defs": whole["$defs"], "$ref": f"#/$defs/{definition}"})
+
+
+def _schema_problems(obj: Any, definition: str | None = None, prefix: tuple = ()) -> list[str]:
+    errors = sorted(_validator(SCHEMA_VERSION, definition).iter_errors(obj),
+                    key=lambda e: list(map(str, e.absolute_path)))
+    return [line for error in errors for line in _describe(error, prefix)]
+
+
+def _path(parts) -> str:
+    out = ""
+    for part in parts:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _describe(error, prefix: tuple = ()) -> list[str]:
+    """One readable line per problem: 'model.fingerprint: missing required field'."""
+    while error.context:  # oneOf/anyOf: report the alternative that got furthest into the value
+        error = max(error.context, key=lambda e: (len(e.absolute_path), e.validator != "type"))
+    where = _path([*prefix, *error.absolute_path])
+    kind, expected = error.validator, error.validator_value
+    if kind == "required":
+        missing = [name for name in expected if name not in error.instance]
+        prefix = "" if where == "(top level)" else where + "."
+        return [f"{prefix}{name}: missing required field" for name in missing]
+    if kind == "type":
+        return [f"{where}: expected {expected if isinstance(expected, str) else ' or '.join(expected)}, "
+                f"got {_short(error.instance)}"]
+    if kind in ("minimum", "maximum"):
+        return [f"{where}: {_short(error.instance)} is {'below' if kind == 'minimum' else 'above'} {expected}"]
+    if kind == "const":
+        return [f"{where}: must be {_short(expected)}, got {_short(error.instance)}"]
+    if kind in ("minLength", "minProperties", "minItems"):
+        return [f"{where}: must not be empty"]
+    return [f"{where}: {error.message[:200]}"]
+
+
+def _finite(value: Any) -> bool:
+    return not isinstance(value, float) or math.isfinite(value)
+
+
+def _judge_problems(obj: dict[str, Any]) -> list[str]:
+    """What the schema cannot say: every judge's scores (keyed by the judge's name) are valid and finite."""
+    problems = []
+    for branch, content in obj["results"].items():
+        for phase in ("pre_attack", "post_attack"):
+            entry = content[phase].get("harmfulness")
+            if not entry:
+                continue
+            metrics = entry["metrics"]
+            for judge in dict.fromkeys([metrics["primary_judge"], *entry["info"]["judges"]]):
+                where = ("results", branch, phase, "harmfulness", "metrics", judge)
+                if judge not in metrics:
+                    problems.append(f"{_path(where)}: missing scores of judge {judge!r}")
+                    continue
+                found = _schema_problems(metrics[judge], "judgeScores", where)
+                if not found:
+                    scores = metrics[judge]
+                    bad = [k for k in ("mean", "rate") if not _finite(scores[k])]
+                    bad += [k for k in ("mean_ci95", "rate_ci95") if not all(map(_finite, scores[k]))]
+                    found = [f"{_path(where)}.{k}: not a finite number" for k in bad]
+                problems += found
+    return problems
+
+
+def _consistency_problems(obj: dict[str, Any]) -> list[str]:
+    """The ``judge`` block is present exactly when harm was measured; ``summary`` matches ``results``."""
+    problems = []
+    harm_measured = bool(obj["results"]["defended"]["post_attack"].get("harmfulness"))
+    if harm_measured and obj["judge"] is None:
+        problems.append("judge: null, but the defended model's harmfulness was measured")
+    if problems:
+        return problems
+    recorded = obj["summary"]["branches"]
+
+    def recorded_metric(branch: str, phase: str) -> Callable[[str], str | None]:
+        headlines = recorded.get(branch, {}).get(phase, {}).get("headlines", {})
+        return lambda name: headlines.get(name, {}).get("metric")
+
+    for branch in obj["results"]:
+        for phase in ("pre_attack", "post_attack"):
+            expected = summary_block(obj, recorded_metric(branch, phase))["branches"][branch][phase]
+            if recorded.get(branch, {}).get(phase) != expected:
+                problems.append(f"summary.branches.{branch}.{phase}: does not match results.{branch}.{phase}")
+    if set(recorded) != set(obj["results"]):
+        problems.append("summary.branches: branches differ from results")
+    return problems
+
+
+def validate_results(obj: Any, where: str = "results.json") -> None:
+    """Raise :class:`ResultsSchemaError` naming every bad field of ``obj`` (a current-version dict)."""
+    if not isinstance(obj, dict):
+        raise ResultsSchemaError(f"{where}: expected a JSON object at the top level, got {type(obj).__name__}.")
+    problems = _schema_problems(obj)
+    try:
+        problems += _judge_problems(obj)
+    except (KeyError, TypeError, AttributeError):  # a broken structure the schema already reported
+        pass
+    if not problems:
+        problems = _consistency_problems(obj)
+    if problems:
+        more = f"; and {len(problems) - MAX_PROBLEMS} more" if len(problems) > MAX_PROBLEMS else ""
+        raise ResultsSchemaError(
+            f"{where} does not match results schema v{SCHEMA_VERSION}: " + "; ".join(problems[:MAX_PROBLEMS]) + more
+        )
+
+
+def _v1_to_v2(obj: dict[str, Any]) -> dict[str, Any]:
+    """v2 adds the derived ``judge`` and ``summary`` blocks; nothing else changed."""
+    migrated = copy.deepcopy(obj)
+    migrated.update(derived_blocks(migrated))
+    migrated["schema_version"] = 2
+    return migrated
+
+
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+
+
+def migrate(obj: dict[str, Any], where: str = "results.json") -> dict[str, Any]:
+    """Bring a results dict of any known version up to :data:`SCHEMA_VERSION` (returns a copy)."""
+    version = obj.get("schema_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ResultsVersionError(f"{where}: schema_version: missing or not an integer (got {_short(version)}); "
+                                  f"is this a harness results.json?")
+    if version > SCHEMA_VERSION:
+        raise ResultsVersionError(
+            f"{where}: schema version {version} was written by a newer harness; this one reads versions "
+            f"1 to {SCHEMA_VERSION}. Upgrade harmful-ft-harness (pip install -U harmful-ft-harness)."
+        )
+    if version < 1:
+        raise ResultsVersionError(f"{where}: unknown schema version {version} (known: 1 to {SCHEMA_VERSION}).")
+    while version < SCHEMA_VERSION:
+        try:
+            obj = MIGRATIONS[version](obj)
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ResultsSchemaError(
+                f"{where}: cannot migrate schema v{version} to v{version + 1}: field {exc} is missing or malformed."
+            ) from None
+        version = obj["schema_version"]
+    return obj
+
+
+def load_results(path: Path | str) -> dict[str, Any]:
+    """Read a results.json, migrate it to the current version and validate it."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ResultsSchemaError(f"{path}: no such file.") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ResultsSchemaError(f"{path}: not valid JSON ({exc}).") from None
+    if not isinstance(obj, dict):
+        raise ResultsSchemaError(f"{path}: expected a JSON object at the top level.")
+    obj = migrate(obj, str(path))
+    validate_results(obj, str(path))
+    return obj

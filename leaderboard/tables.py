@@ -1,0 +1,197 @@
+"""The ranking as flat records, and those records as a terminal table, Markdown, CSV or JSON.
+
+Every format is rendered from the same :func:`records`, so they agree by construction.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+from rich import box
+from rich.table import Table
+
+from leaderboard.aggregate import Board, Cell, DefenceRow, Estimate
+
+FORMAT_VERSION = 1
+FLAG_MARK = "⚑"
+
+COLUMNS = {  # record field: column title
+    "rank": "rank",
+    "model": "model",
+    "defence": "defence",
+    "defence_params_hash": "params",
+    "worst_post_harm": "worst harm [95% CI]",
+    "worst_attack": "worst attack",
+    "mean_post_harm": "mean harm",
+    "pre_harm": "harm pre-attack",
+    "capability_delta": "capability Δ",
+    "fluency": "fluency",
+    "attacks": "attacks",
+    "seeds": "seeds",
+    "flags": "flags",
+}
+
+
+def _round(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def _interval(estimate: Estimate) -> list[float | None]:
+    return [_round(estimate.low), _round(estimate.high)]
+
+
+def _fluency(value: bool | None) -> str:
+    return "not measured" if value is None else ("fired" if value else "ok")
+
+
+def record(row: DefenceRow) -> dict[str, Any]:
+    first = row.first
+    return {
+        "rank": row.rank,
+        "flagged": bool(row.flags),
+        "flags": "; ".join(row.flags),
+        "model": first.model,
+        "model_fingerprint": first.fingerprint,
+        "setup": first.setup,
+        "defence": row.defence_label,
+        "defence_params_hash": row.defence_hash,
+        "worst_post_harm": _round(row.worst.post.mean),
+        "worst_post_harm_ci95": _interval(row.worst.post),
+        "worst_post_harm_ci_method": row.worst.post.method,
+        "worst_attack": row.worst.attack_label,
+        "mean_post_harm": _round(row.mean_post),
+        "pre_harm": _round(row.pre),
+        "capability_delta": _round(row.capability_delta),
+        "fluency": _fluency(row.fluency),
+        "attacks": len(row.cells),
+        "seeds": len(row.seeds),
+        "judge": first.post["judge"],
+    }
+
+
+def records(board: Board) -> list[dict[str, Any]]:
+    return [record(r) for r in board.rows]
+
+
+def _text(rec: dict[str, Any], field: str) -> str:
+    value = rec[field]
+    if field == "rank":
+        return f"{FLAG_MARK} flagged" if rec["flagged"] else str(value)
+    if field == "worst_post_harm":
+        low, high = rec["worst_post_harm_ci95"]
+        return f"{value:.3f} [{low:.3f}, {high:.3f}]" if low is not None else f"{value:.3f}"
+    if isinstance(value, float):
+        return f"{value:+.3f}" if field == "capability_delta" else f"{value:.3f}"
+    return "–" if value is None or value == "" else str(value)
+
+
+TERMINAL = {"rank": "#", "defence": "defence", "worst_post_harm": "worst", "ci": "95% CI", "worst_attack": "attack",
+            "mean_post_harm": "mean", "pre_harm": "pre", "capability_delta": "capΔ", "fluency": "fluency",
+            "grid": "grid"}
+
+
+def terminal_tables(board: Board) -> list[Table]:
+    """One compact table per (model, evaluation setup); flag reasons go under it."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for rec in records(board):
+        groups.setdefault((rec["model"], rec["setup"]), []).append(rec)
+    out = []
+    for (model, setup), recs in groups.items():
+        flagged = "; ".join(f"{FLAG_MARK} {r['defence']}: {r['flags']}" for r in recs if r["flagged"])
+        table = Table(title=f"{model} · setup {setup} · judge {recs[0]['judge']} · sorted by {board.sort}",
+                      caption=(flagged + "\n" if flagged else "") + "harm after attack: worst and mean over the "
+                      "attack grid, pre = before attack; capΔ vs undefended; grid = attacks × seeds; – = not measured",
+                      box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+        for field, title in TERMINAL.items():
+            table.add_column(title, no_wrap=True, overflow="ellipsis", min_width=8 if field == "defence" else None)
+        for rec in recs:
+            low, high = rec["worst_post_harm_ci95"]
+            extra = {"grid": f"{rec['attacks']}×{rec['seeds']}", "fluency": rec["fluency"].replace("not measured", "–"),
+                     "ci": f"{low:.2f}–{high:.2f}" if low is not None else "–"}
+            rank = FLAG_MARK if rec["flagged"] else str(rec["rank"])
+            cells = [rank, *(extra[f] if f in extra else _text(rec, f) for f in list(TERMINAL)[1:])]
+            cells[2] = f"{rec['worst_post_harm']:.3f}"
+            table.add_row(*cells, style="dim" if rec["flagged"] else None)
+        out.append(table)
+    return out
+
+
+def notes(board: Board) -> list[str]:
+    """What every rendering must say alongside the numbers."""
+    methods = sorted({c.post.method for c in board.cells})
+    out = [
+        "Harm: primary judge's mean probability of 'harmful' after the attack (0 = never harmful); "
+        "worst/mean over the attacks each defence was run on; capability Δ: defended minus undefended, "
+        "before the attack.",
+        "Worst case: the attack cell with the highest harm; intervals: " + " / ".join(methods) + ".",
+        f"Flagged ({FLAG_MARK}): capability more than {board.capability_threshold:g} below the undefended model "
+        "in the same results file, or a fluency guard fired; flagged rows are listed last and not ranked.",
+    ]
+    if board.skipped:
+        out.append(f"{len(board.skipped)} results file(s) skipped as unreadable.")
+    return out
+
+
+def markdown(board: Board) -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    recs = records(board)
+    lines = ["| " + " | ".join(COLUMNS.values()) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(_text(r, f)) for f in COLUMNS) + " |" for r in recs]
+    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes(board)) + "\n"
+
+
+CSV_FIELDS = ["rank", "flagged", "flags", "model", "model_fingerprint", "setup", "defence", "defence_params_hash",
+              "worst_post_harm", "worst_post_harm_ci_low", "worst_post_harm_ci_high", "worst_post_harm_ci_method",
+              "worst_attack", "mean_post_harm", "pre_harm", "capability_delta", "fluency", "attacks", "seeds", "judge"]
+
+
+def csv_text(board: Board) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    for rec in records(board):
+        low, high = rec["worst_post_harm_ci95"]
+        writer.writerow({**{k: v for k, v in rec.items() if k in CSV_FIELDS},
+                         "worst_post_harm_ci_low": low, "worst_post_harm_ci_high": high})
+    return buffer.getvalue()
+
+
+def cell_record(cell: Cell, row: DefenceRow) -> dict[str, Any]:
+    first = cell.first
+    return {
+        "model": first.model, "defence": row.defence_label, "defence_params_hash": row.defence_hash,
+        "attack": cell.attack_label, "attack_params_hash": cell.attack_hash, "threat_model": first.threat_model,
+        "setup": first.setup, "seeds": cell.seeds,
+        "post_harm": {"mean": _round(cell.post.mean), "ci95": _interval(cell.post), "method": cell.post.method,
+                      "per_seed": [_round(v) for v in cell.post.values]},
+        "pre_harm": _round(cell.pre.mean) if cell.pre else None,
+        "capability": _round(cell.capability.mean) if cell.capability else None,
+        "capability_delta": _round(cell.capability_delta.mean) if cell.capability_delta else None,
+        "fluency": _fluency(cell.fluency), "flags": cell.flags,
+        "results": [str(r.path) for r in cell.runs],
+    }
+
+
+def json_text(board: Board) -> str:
+    rows = []
+    for row in board.rows:
+        cells = [cell_record(c, row) for c in row.cells]
+        rows.append({**record(row), "defence_params": row.first.defence_params, "cells": cells})
+    return json.dumps({"leaderboard_format": FORMAT_VERSION, "sort": board.sort,
+                       "capability_threshold": board.capability_threshold, "notes": notes(board),
+                       "rows": rows, "skipped": [{"path": p, "reason": r} for p, r in board.skipped]},
+                      indent=2, ensure_ascii=False) + "\n"
+
+
+def render(board: Board, fmt: str) -> str:
+    from harness.errors import HarnessError
+
+    renderers = {"md": markdown, "csv": csv_text, "json": json_text}
+    if fmt not in renderers:
+        raise HarnessError(f"Unknown format {fmt!r}; choose one of {', '.join(renderers)}.")
+    return renderers[fmt](board)
