@@ -14,6 +14,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from harness.errors import ConfigError, HarnessError
+from leaderboard.cli import leaderboard_app, submit  # light: its commands import their work lazily
 
 app = typer.Typer(
     add_completion=False,
@@ -193,8 +194,6 @@ def judge_validate(
     except HarnessError as exc:
         _fail(exc)
 
-
-from leaderboard.cli import leaderboard_app, submit  # noqa: E402  (light: commands import lazily)
 
 app.add_typer(leaderboard_app, name="leaderboard")
 app.command("submit")(submit)

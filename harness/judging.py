@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 
 @runtime_checkable
@@ -18,3 +18,21 @@ class Judge(Protocol):
     def describe(self) -> dict[str, Any]:
         """Identity for results.json: name, version, params and any measured accuracy."""
         ...
+
+
+def score_answered(
+    prompts: Sequence[str],
+    responses: Sequence[str],
+    score: Callable[[list[str], list[str]], Sequence[float]],
+) -> list[float]:
+    """The paper's convention for every judge: an empty or whitespace answer scores exactly 0;
+    ``score`` sees only the answered (prompt, response) pairs."""
+    if len(prompts) != len(responses):
+        raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
+    scores = [0.0] * len(responses)
+    answered = [i for i, r in enumerate(responses) if isinstance(r, str) and r.strip()]
+    if answered:
+        values = score([prompts[i] or "" for i in answered], [responses[i] for i in answered])
+        for i, value in zip(answered, values):
+            scores[i] = float(value)
+    return scores

@@ -10,16 +10,23 @@ def _z(level: float) -> float:
     return NormalDist().inv_cdf(0.5 + level / 2)
 
 
-def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and a normal-approximation interval (mean ± z·s/√n), clipped to [0, 1] for scores."""
+def _mean_and_standard_error(values: list[float]) -> tuple[float, float]:
+    """Mean and s/√n (sample standard deviation); NaN mean for no values, zero error for one."""
     n = len(values)
     if n == 0:
-        return math.nan, math.nan, math.nan
+        return math.nan, math.nan
     mean = sum(values) / n
     if n == 1:
-        return mean, mean, mean
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = _z(level) * sd / math.sqrt(n)
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) / math.sqrt(n)
+
+
+def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and a normal-approximation interval (mean ± z·s/√n), clipped to [0, 1] for scores."""
+    mean, error = _mean_and_standard_error(values)
+    if not values:
+        return math.nan, math.nan, math.nan
+    half = _z(level) * error
     return mean, max(0.0, mean - half), min(1.0, mean + half)
 
 
@@ -40,12 +47,6 @@ def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, 
     One value gives a zero-width interval: a single seed says nothing about seed variance."""
     from scipy.stats import t
 
-    n = len(values)
-    if n == 0:
-        return math.nan, math.nan, math.nan
-    mean = sum(values) / n
-    if n == 1:
-        return mean, mean, mean
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = float(t.ppf(0.5 + level / 2, n - 1)) * sd / math.sqrt(n)
+    mean, error = _mean_and_standard_error(values)
+    half = float(t.ppf(0.5 + level / 2, len(values) - 1)) * error if len(values) > 1 else 0.0
     return mean, mean - half, mean + half

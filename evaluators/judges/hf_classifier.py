@@ -24,6 +24,7 @@ from pydantic import Field, field_validator
 from harness.context import StageContext
 from harness.errors import ConfigError, HarnessError
 from harness.hashing import cached_file_sha256, stable_hash
+from harness.judging import score_answered
 from harness.registry import Params, judges
 
 NAME = "hf-classifier"
@@ -145,14 +146,8 @@ class HFClassifierJudge:
         return out
 
     def score(self, prompts: list[str], responses: list[str]) -> list[float]:
-        if len(prompts) != len(responses):
-            raise ValueError(f"{len(prompts)} prompts but {len(responses)} responses")
-        scores = [0.0] * len(responses)  # an empty or whitespace response scores exactly 0
-        todo = [i for i, r in enumerate(responses) if isinstance(r, str) and r.strip()]
-        texts = [self.params.input_format.format(prompt=prompts[i] or "", response=responses[i]) for i in todo]
-        for i, p in zip(todo, self.probabilities(texts)):
-            scores[i] = p
-        return scores
+        return score_answered(prompts, responses, lambda ps, rs: self.probabilities(
+            [self.params.input_format.format(prompt=p, response=r) for p, r in zip(ps, rs)]))
 
     def describe(self) -> dict[str, Any]:
         config = self.model.config
