@@ -7,6 +7,7 @@ Concurrent cells that need the same stage wait for whichever builds it first (th
 
 from __future__ import annotations
 
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
@@ -46,7 +47,12 @@ def run_local(configs: list[dict[str, Any]], threads: int | None, console: Conso
               on_done: Callable[[int, CellOutcome], None]) -> None:
     for index, config in enumerate(configs):
         console.rule(f"cell {index + 1}/{len(configs)}")
-        on_done(index, run_cell(config, threads))
+        try:
+            outcome = run_cell(config, threads)
+        except Exception as exc:  # a crash in one cell (a plugin bug, OOM) is recorded, as on Ray
+            outcome = {"status": "failed", "run_dir": None,
+                       "error": "".join(traceback.format_exception(exc, limit=-3)).strip()}
+        on_done(index, outcome)
 
 
 def run_ray(configs: list[dict[str, Any]], threads: int | None, console: Console,

@@ -161,3 +161,21 @@ def test_a_new_store_sweeps_dead_scratch_but_not_a_live_writers(tmp_path):
     with store.claim("livekey"):
         StageStore(tmp_path)  # what a second run sharing the cache does on start
     assert live.exists() and not dead.exists()
+
+
+def test_a_crashing_plugin_fails_its_cell_only(tmp_path, monkeypatch):
+    import dataclasses
+
+    from harness.registry import attacks
+
+    lora = attacks.get("lora")
+
+    def crash(model, params, ctx):
+        raise RuntimeError("plugin bug")
+
+    monkeypatch.setitem(attacks._plugins, "lora", dataclasses.replace(lora, fn=crash))
+    path = write_sweep(tmp_path, defences=["none"], seeds=[1])
+    with pytest.raises(HarnessError, match=r"1 of 2 sweep cells failed \(none × lora × seed 1\)"):
+        run_sweep(load_sweep(path), Console(stderr=True, quiet=True))
+    cells = _cells(tmp_path / "runs" / "sweeps" / "tiny")
+    assert [c["status"] for c in cells] == ["ok", "failed"] and "RuntimeError: plugin bug" in cells[1]["error"]
