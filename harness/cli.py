@@ -199,6 +199,52 @@ app.add_typer(leaderboard_app, name="leaderboard")
 app.command("submit")(submit)
 
 
+data_app = typer.Typer(no_args_is_help=True, help="Data preparation: pairs for defences.")
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("refusals")
+def data_refusals(
+    source: str = typer.Option("beavertails-unsafe", "--from", help="QA data set of (prompt, harmful answer)"),
+    out: Path = typer.Option(..., "--out", help="pairs JSONL to write; use it as defence.pairs=pairs-file:PATH"),
+    model: str = typer.Option("smollm2-135m-instruct", "--model", "-m", help="model that writes the refusals"),
+    judge: str = typer.Option("minilm-harm", "--judge", "-j", help="judge that must call each refusal safe"),
+    num: Optional[int] = typer.Option(None, "--num", "-n", help="prompts drawn (seeded) from the source; default all"),
+    max_harm: float = typer.Option(0.5, "--max-harm", help="keep a refusal only if the judge scores it below this"),
+    max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+    device: str = typer.Option("auto", "--device"),
+    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="data directory"),
+    cache_dir: Path = typer.Option(Path(".harness-cache"), "--cache-dir", help="where trained judges live"),
+    seed: int = typer.Option(42, "--seed"),
+) -> None:
+    """Make (prompt, harmful, refusal) pairs from a QA set that has no refusals: the model answers under
+    a refusal system prompt and only answers the judge scores safe are kept (as the paper did)."""
+    from harness.context import StageContext
+    from harness.data import DataAccess
+    from harness.generation import GenerationSettings
+    from harness.models import load_model
+    from harness.paths import resolve_data_dir
+    from harness.refusals import make_refusal_pairs, write_pairs
+    from harness.registry import judges
+
+    try:
+        access = DataAccess(resolve_data_dir(data_dir), "advbench", seed)
+        records = access.qa(source, n=num)
+        ctx = StageContext(seed=seed, device=device, dtype="auto", data=access, cache_dir=cache_dir,
+                           workdir=cache_dir, console=console)
+        plugin = judges.get(judge)
+        scorer = plugin.fn(plugin.parse_params({}, f"judges.{judge}"), ctx)
+        loaded = load_model(model, device=device)
+        with console.status(f"Writing {len(records)} refusals with {model}…"):
+            pairs, counts = make_refusal_pairs(loaded, records, scorer, GenerationSettings(max_new_tokens=max_new_tokens),
+                                               max_harm=max_harm)
+        write_pairs(out, pairs)
+        console.print(f"{counts['kept']} of {counts['generated']} refusals kept ({counts['judged_harmful']} judged "
+                      f"harmful, {counts['empty']} empty) → {out}. Use: --set defence.pairs=pairs-file:{out.resolve()}")
+    except HarnessError as exc:
+        _fail(exc)
+
+
 def entrypoint() -> None:
     try:
         app()

@@ -179,8 +179,30 @@ def seeded_sample(records: list[Record], n: int | None, seed: int) -> list[Recor
     return [records[i] for i in order]
 
 
+PAIRS_FILE = "pairs-file:"  # a pairs JSONL outside the bundle, e.g. written by `harness data refusals`
+
+
+def load_pairs_file(name: str) -> LoadedData:
+    """``pairs-file:PATH``: JSONL rows with prompt, harmful and harmless (and optionally category)."""
+    path = Path(name[len(PAIRS_FILE):]).expanduser().resolve()
+    if not path.is_file():
+        raise DataError(f"Data set {name!r}: {path} does not exist (write one with `harness data refusals`).")
+    problems = RowProblems()
+    records = []
+    for line, row in read_jsonl(path, problems):
+        fields = require_text(row, ("prompt", "harmful", "harmless"), path, line, problems)
+        if fields:
+            records.append(Pair(*fields, text_of(row.get("category")), f"file:{path.name}"))
+    if not records:
+        raise DataError(f"Data set {name!r} has no usable rows ({len(problems)} malformed; first: "
+                        f"{problems.first() if len(problems) else 'no rows'}).")
+    return LoadedData(name, "pairs", records, cached_file_sha256(path), len(problems))
+
+
 def load_dataset(name: str, data_dir: Path) -> LoadedData:
     """Read a registered data set from the data directory (or the hub, for hub-backed names)."""
+    if name.startswith(PAIRS_FILE):
+        return load_pairs_file(name)
     plugin = datasets.get(name)
     kind = plugin.info["kind"]
     files = [data_dir / f for f in plugin.info.get("files", [])]

@@ -25,7 +25,7 @@ import harness
 from harness.atomic import write_json
 from harness.config import PluginSpec, RunConfig, validate_plugins
 from harness.context import StageContext
-from harness.data import DataAccess
+from harness.data import PAIRS_FILE, DataAccess
 from harness.evaluation import EvalResult
 from harness.hashing import cached_file_sha256, stable_hash
 from harness.models import LoadedModel, load_model, load_saved, model_fingerprint, save_model
@@ -56,7 +56,7 @@ def _keyed_versions(versions: dict[str, str]) -> dict[str, str]:
 
 def _names_a_dataset(value: str, known: set[str]) -> bool:
     """True for a registered data set name, with or without a category filter (``jbb-pairs[^Privacy]``)."""
-    return value.split("[", 1)[0].strip() in known
+    return value.split("[", 1)[0].strip() in known or value.startswith(PAIRS_FILE)
 
 
 def peak_memory_mb() -> float:
