@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import string
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
 
@@ -36,3 +37,8 @@ def score_answered(
         for i, value in zip(answered, values):
             scores[i] = float(value)
     return scores
+
+
+def template_fields(template: str) -> set[str]:
+    """The ``{names}`` a judge's input template fills (for validating it when params are parsed)."""
+    return {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}

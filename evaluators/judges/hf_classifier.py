@@ -14,7 +14,6 @@ exact classifier that scored it.
 
 from __future__ import annotations
 
-import string
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from pydantic import Field, field_validator
 from harness.context import StageContext
 from harness.errors import ConfigError, HarnessError
 from harness.hashing import cached_file_sha256, stable_hash
-from harness.judging import score_answered
+from harness.judging import score_answered, template_fields
 from harness.registry import Params, judges
 
 NAME = "hf-classifier"
@@ -47,7 +46,7 @@ class HFClassifierParams(Params):
     @field_validator("input_format")
     @classmethod
     def _fields_known(cls, text: str) -> str:
-        fields = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+        fields = template_fields(text)
         if "response" not in fields or not fields <= {"prompt", "response"}:
             raise ValueError("input_format must contain {response} and may contain {prompt}, nothing else")
         return text

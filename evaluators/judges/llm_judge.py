@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import inspect
 import math
-import string
 from typing import Any
 
 import torch
@@ -26,7 +25,7 @@ from pydantic import Field, field_validator
 
 from harness.context import StageContext
 from harness.errors import HarnessError
-from harness.judging import score_answered
+from harness.judging import score_answered, template_fields
 from harness.hashing import stable_hash
 from harness.models import EMBEDDED_MODEL, LoadedModel, load_model, model_fingerprint
 from harness.registry import Params, judges
@@ -57,7 +56,7 @@ class LLMJudgeParams(Params):
     @field_validator("template")
     @classmethod
     def _fields_known(cls, text: str) -> str:
-        fields = {name for _, name, _, _ in string.Formatter().parse(text) if name is not None}
+        fields = template_fields(text)
         if fields != {"prompt", "response"}:
             raise ValueError("template must contain {prompt} and {response} and no other {fields}")
         return text
