@@ -71,8 +71,7 @@ def main() -> None:
         if args.vllm and not args.vllm_python and not vllm_available():
             raise SystemExit("vllm is not installed in this interpreter; pass --vllm-python")
         with tempfile.TemporaryDirectory() as tmp:
-            dtype = str(next(loaded.model.parameters()).dtype).removeprefix("torch.")  # the dtype HF ran in
-            ctx = StageContext(seed=0, device=str(loaded.device), dtype=dtype, data=None,
+            ctx = StageContext(seed=0, device=str(loaded.device), dtype=args.dtype, data=None,
                                cache_dir=Path(tmp), workdir=Path(tmp))
             on_cpu = loaded.device.type == "cpu"
             vllm = VLLMBackend(VLLMParams(python=args.vllm_python, enforce_eager=on_cpu,

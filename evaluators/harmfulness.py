@@ -16,7 +16,7 @@ from evaluators.fluency import FluencyParams, fluency_report
 from harness.config import PluginSpec
 from harness.context import StageContext
 from harness.evaluation import EvalResult
-from harness.generation import GenerationSettings
+from harness.generation import GenerationSettings, resolve_backend
 from harness.models import LoadedModel
 from harness.registry import Params, backends, evaluators, judges
 from harness.stats import mean_ci, wilson_ci
@@ -70,7 +70,14 @@ def judge_data_files(params: HarmfulnessParams) -> list[str]:
     return sorted(files)
 
 
-@evaluators.register("harmfulness", params=HarmfulnessParams, depends_on=judge_identity,
+def scoring_identity(params: HarmfulnessParams) -> dict[str, Any]:
+    """Everything besides the params that shapes the answers and their scores: the judges (above) and
+    the generation backend's code version, so a fixed backend regenerates instead of reusing answers."""
+    backend = resolve_backend(params.backend)  # "auto" is keyed as what it picks here
+    return {"judges": judge_identity(params), "backend": {"name": backend, "version": backends.get(backend).version}}
+
+
+@evaluators.register("harmfulness", params=HarmfulnessParams, depends_on=scoring_identity,
                      data_files=judge_data_files,
                      description="Answer held-out harmful prompts and score the answers with judges")
 def harmfulness(model: LoadedModel, params: HarmfulnessParams, ctx: StageContext) -> EvalResult:

