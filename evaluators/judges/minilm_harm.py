@@ -24,13 +24,13 @@ weights, and ``describe()`` reports them.
 
 Calibration (``calibrate``, off by default): the head is well calibrated on its own dev split but
 not under the shift to other models' answers, and the shift differs by label source. On the unsafe
-prompts of XSTest (human labels, 13% harmful) it overstates P(harmful): mean 0.27 against 0.13. On
-held-out JailbreakBench answers (LlamaGuard2 labels, 57% unsafe) it is close: 0.63 against 0.57.
-``calibrate=true`` fits Platt scaling (:mod:`evaluators.judges.calibration`, two parameters,
-order-preserving) on the unsafe prompts of XSTest's calibration half
-(:func:`judge_data.xstest_calibration`). That brings XSTest's held-out half to ECE 0.02, but it moves
-JailbreakBench to a mean of 0.39 (ECE 0.08 → 0.18), and fitting on both sets at once also makes
-JailbreakBench worse. The harness reports the mean P(harmful) of attacked models, whose answers look
+prompts of XSTest's held-out half (human labels, 13% harmful) it overstates P(harmful): mean 0.27
+against 0.13, ECE 0.14. On held-out JailbreakBench answers (LlamaGuard2 labels, 56% unsafe) it is
+close: 0.64 against 0.56, ECE 0.10. ``calibrate=true`` fits Platt scaling
+(:mod:`evaluators.judges.calibration`, two parameters, order-preserving) on the unsafe prompts of
+XSTest's calibration half (:func:`judge_data.xstest_calibration`). That brings XSTest's held-out half
+to ECE 0.02 (mean 0.12), but it moves JailbreakBench to a mean of 0.42 (ECE 0.18). Fitting on both
+sets at once also leaves JailbreakBench worse than the raw scores. The harness reports the mean P(harmful) of attacked models, whose answers look
 like the JailbreakBench ones, so the default keeps the raw scores. Validation reports both sets.
 
 Two scoring rules apply on top of the classifier. An empty or whitespace response scores exactly
