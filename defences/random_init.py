@@ -36,7 +36,7 @@ def init_seed(seed: int) -> int:
 def random_init(model: LoadedModel, params: NoParams, ctx: StageContext) -> LoadedModel:
     """Replace every weight of ``model.model`` with a seeded fresh initialisation, in place."""
     base = unwrap(model.model)
-    dtype = next(base.parameters()).dtype
+    dtype = model.dtype
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(init_seed(ctx.seed))
         fresh = type(base)._from_config(copy.deepcopy(base.config), dtype=dtype)  # CPU, the seeded generator

@@ -58,6 +58,10 @@ class LoadedModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
 
 def default_asset_dir() -> Path:
     """Where converted base assets (dequantised weights, tokenizer) are kept across runs."""
