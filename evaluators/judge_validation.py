@@ -38,7 +38,7 @@ from harness.judging import Judge
 
 log = logging.getLogger(__name__)
 
-METRICS_VERSION = "judge-validation/2"  # bump when a metric or a validation set changes
+METRICS_VERSION = "judge-validation/3"  # bump when a metric or a validation set changes
 THRESHOLD = 0.5
 ECE_BINS = 10
 

@@ -195,6 +195,16 @@ def test_validation_metrics_are_stored_and_surfaced(tmp_path, monkeypatch, data_
     assert metrics["xstest"] == described["validation"]["xstest"]
     assert judge_validation.render_validation(metrics).row_count == 17
 
+    # metrics stored by older validation code are re-measured on load; the trained weights are kept
+    validation_file = tmp_path / "judges" / f"minilm-harm-{described['version']}" / mh.VALIDATION
+    validation_file.write_text(json.dumps({**described["validation"], "validation_fingerprint": "old", "xstest": {}}))
+    runs = mh.TRAINING_RUNS
+    reloaded = mh.minilm_harm(mh.MiniLMHarmParams(**params), ctx)
+    assert mh.TRAINING_RUNS == runs
+    assert reloaded.describe()["validation"]["xstest"] == described["validation"]["xstest"]
+    assert json.loads(validation_file.read_text())["validation_fingerprint"] == judge_validation.validation_fingerprint(
+        data_dir)
+
 
 @pytest.mark.slow
 @pytest.mark.judge_target

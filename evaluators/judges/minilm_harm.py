@@ -536,4 +536,19 @@ def minilm_harm(params: MiniLMHarmParams, ctx: StageContext) -> Judge:
         log.info("Training judge %s (key %s) into %s", NAME, key, path)
         with atomic_dir(path) as scratch:
             train(params, data_dir, backbone_path, device, scratch, key, getattr(ctx, "console", None))
-    return load(path, params, backbone_path, device)
+    judge = load(path, params, backbone_path, device)
+    if params.measure_validation:
+        _refresh_validation(judge, path, data_dir, getattr(ctx, "console", None))
+    return judge
+
+
+def _refresh_validation(judge: MiniLMHarmJudge, path: Path, data_dir: Path, console: Any = None) -> None:
+    """Re-measure stored metrics that no longer match the validation code or data (the weights stay)."""
+    from evaluators.judge_validation import validate_judge, validation_fingerprint
+
+    if (judge.validation or {}).get("validation_fingerprint") == validation_fingerprint(data_dir):
+        return
+    if console is not None:
+        console.print(f"[bold]{NAME}[/]: the validation metrics changed since this judge was trained; re-measuring…")
+    judge.validation = validate_judge(judge, data_dir)
+    write_json(path / VALIDATION, judge.validation)
