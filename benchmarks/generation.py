@@ -12,9 +12,8 @@ tokens/s per backend and the ratio to the per-prompt baseline. vLLM runs in its 
 from __future__ import annotations
 
 import argparse
-import time
-
 import tempfile
+import time
 from pathlib import Path
 
 from harness.context import StageContext

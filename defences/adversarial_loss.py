@@ -15,26 +15,28 @@ Defaults are RepNoise's optimisation settings (PAPER.md §4).
 from __future__ import annotations
 
 from functools import partial
-from typing import Literal
 
 import torch
 from pydantic import Field
 
-from harness.context import StageContext
-from harness.losses import pair_ces, position_mask
-from harness.models import LoadedModel
-from harness.registry import defences
-from harness.sft import PairSettings
-from harness.tokenization import collate_pairs, encode_pair
-from harness.training import TrainSettings, train
+from harness.api import (
+    LoadedModel,
+    PairDefenceSettings,
+    StageContext,
+    Trained,
+    TrainSettings,
+    collate_pairs,
+    cpu_pair_sizes,
+    defences,
+    encode_pair,
+    pair_ces,
+    position_mask,
+    train,
+)
 
 
-class AdversarialLossParams(PairSettings, TrainSettings):
-    lr: float = Field(2e-5, gt=0, description="peak learning rate (RepNoise's, PAPER.md §4)")
-    batch_size: int = Field(8, ge=1, description="pairs per micro-batch")
-    optimizer: Literal["adam", "adamw"] = Field("adam", description="Adam, no weight decay")
+class AdversarialLossParams(PairDefenceSettings):
     lambda_: float = Field(0.1, ge=0, description="weight of the ascent term -CE(harmful) (paper: 0.1)")
-    max_length: int = Field(128, ge=2, description="tokens per side (prompt + answer), truncated")
 
 
 def adversarial_loss(
@@ -46,9 +48,9 @@ def adversarial_loss(
     return harmless - lambda_ * harmful, {"harmless_ce": harmless.detach(), "harmful_ce": harmful.detach()}
 
 
-@defences.register("adversarial-loss", params=AdversarialLossParams,
+@defences.register("adversarial-loss", params=AdversarialLossParams, profiles=cpu_pair_sizes(lr=1e-4),
                    description="Adversarial loss: CE(refusal) - 0.1 * CE(harmful answer), final layer only")
-def adversarial_loss_defence(model: LoadedModel, params: AdversarialLossParams, ctx: StageContext) -> LoadedModel:
+def adversarial_loss_defence(model: LoadedModel, params: AdversarialLossParams, ctx: StageContext) -> Trained:
     """Train ``model.model`` in place on the pairs with the adversarial loss."""
     tokenizer = model.tokenizer
     pairs = ctx.data.pairs(params.pairs, n=params.num_pairs)
@@ -65,6 +67,5 @@ def adversarial_loss_defence(model: LoadedModel, params: AdversarialLossParams, 
         ctx,
         description="adversarial-loss",
     )
-    model.info["adversarial_loss_history"] = report.history
-    model.info["adversarial_loss_training"] = {**report.summary(), "pairs": len(examples)}
-    return model
+    return Trained(model, {"adversarial_loss_history": report.history,
+                           "adversarial_loss_training": {**report.summary(), "pairs": len(examples)}})

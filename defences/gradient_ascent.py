@@ -14,22 +14,23 @@ Defaults are RepNoise's optimisation settings (PAPER.md §4), as the paper gives
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from pydantic import Field
 
-from harness.context import StageContext
-from harness.models import LoadedModel
-from harness.registry import defences
-from harness.sft import PairSettings, SFTSettings, causal_lm_loss, fine_tune, pair_side
+from harness.api import (
+    LoadedModel,
+    PairSFTSettings,
+    StageContext,
+    Trained,
+    causal_lm_loss,
+    cpu_pair_sizes,
+    defences,
+    fine_tune,
+    pair_side,
+)
 
 
-class GradientAscentParams(PairSettings, SFTSettings):
-    lr: float = Field(2e-5, gt=0, description="peak learning rate (RepNoise's, PAPER.md §4)")
-    batch_size: int = Field(8, ge=1, description="examples per micro-batch")
-    optimizer: Literal["adam", "adamw"] = Field("adam", description="Adam, no weight decay")
-    max_length: int = Field(128, ge=8, description="tokens per example (prompt + harmful answer), truncated")
+class GradientAscentParams(PairSFTSettings):
     mask_prompt: bool = Field(True, description="ascend on the answer tokens only (False: on the prompt too)")
 
 
@@ -39,11 +40,11 @@ def ascent_loss(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple
     return -ce, {"harmful_ce": ce.detach()}
 
 
-@defences.register("gradient-ascent", params=GradientAscentParams,
+# Ascent diverges fast: a fifth of the others' CPU lr keeps the 8-step model usable.
+@defences.register("gradient-ascent", params=GradientAscentParams, profiles=cpu_pair_sizes(lr=2e-5),
                    description="Gradient ascent: maximise the LM loss on harmful answers (damages the model)")
-def gradient_ascent(model: LoadedModel, params: GradientAscentParams, ctx: StageContext) -> LoadedModel:
+def gradient_ascent(model: LoadedModel, params: GradientAscentParams, ctx: StageContext) -> Trained:
     """Train ``model.model`` in place to raise its CE on (prompt, harmful answer) of the pairs."""
     records = pair_side(ctx, params, "harmful")
     report = fine_tune(model.model, model.tokenizer, records, params, ctx, "gradient-ascent", loss_fn=ascent_loss)
-    model.info["gradient_ascent_training"] = {**report.summary(), "pairs": len(records)}
-    return model
+    return Trained(model, {"gradient_ascent_training": {**report.summary(), "pairs": len(records)}})

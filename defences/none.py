@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from harness.context import StageContext
-from harness.models import LoadedModel
-from harness.registry import NoParams, defences
+from harness.api import LoadedModel, NoParams, StageContext, defences
 
 
 @defences.register("none", params=NoParams, description="Identity: leave the model unchanged")

@@ -20,11 +20,7 @@ import copy
 
 import torch
 
-from harness.activations import unwrap
-from harness.context import StageContext
-from harness.hashing import stable_hash
-from harness.models import LoadedModel
-from harness.registry import NoParams, defences
+from harness.api import LoadedModel, NoParams, StageContext, Trained, defences, stable_hash, unwrap
 
 
 def init_seed(seed: int) -> int:
@@ -33,7 +29,7 @@ def init_seed(seed: int) -> int:
 
 @defences.register("random-init", params=NoParams,
                    description="Random: re-initialise every weight of the same architecture (the paper's lower bound)")
-def random_init(model: LoadedModel, params: NoParams, ctx: StageContext) -> LoadedModel:
+def random_init(model: LoadedModel, params: NoParams, ctx: StageContext) -> Trained:
     """Replace every weight of ``model.model`` with a seeded fresh initialisation, in place."""
     base = unwrap(model.model)
     dtype = model.dtype
@@ -43,5 +39,4 @@ def random_init(model: LoadedModel, params: NoParams, ctx: StageContext) -> Load
     with torch.no_grad():
         base.load_state_dict(fresh.state_dict())
     del fresh
-    model.info["random_init"] = {"seed": ctx.seed, "init_seed": init_seed(ctx.seed)}
-    return model
+    return Trained(model, {"random_init": {"seed": ctx.seed, "init_seed": init_seed(ctx.seed)}})

@@ -23,34 +23,42 @@ import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator, Literal
+from typing import Iterator
 
 import torch
 from pydantic import Field, field_validator
 
-from harness.activations import capture_activations, decoder_parts
-from harness.context import StageContext
-from harness.errors import ConfigError, HarnessError
-from harness.losses import head_ce_sums, mmd, position_mask, shift_targets
-from harness.models import LoadedModel
-from harness.registry import defences
-from harness.tokenization import collate_pairs, encode_pair
-from harness.training import TrainSettings, train
+from harness.api import (
+    ConfigError,
+    HarnessError,
+    LoadedModel,
+    PairDefenceSettings,
+    StageContext,
+    Trained,
+    TrainSettings,
+    capture_activations,
+    collate_pairs,
+    cpu_pair_sizes,
+    decoder_parts,
+    defences,
+    encode_pair,
+    head_ce_sums,
+    mmd,
+    position_mask,
+    shift_targets,
+    train,
+)
 
 _LAYER_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
 
-class RepNoiseParams(TrainSettings):
+class RepNoiseParams(PairDefenceSettings):
     """Paper defaults for Llama-2-7b-chat (PAPER.md §4); other models need a grid search over lr, alpha, beta."""
 
     lr: float = Field(2e-5, gt=0, description="peak learning rate (paper: 2e-5; 4e-5 already breaks the defence)")
-    batch_size: int = Field(8, ge=1, description="pairs per micro-batch")
-    optimizer: Literal["adam", "adamw"] = Field("adam", description="paper: Adam, no weight decay")
     alpha: float = Field(1.0, ge=0, description="weight of the layer-wise ascent term -log(G)")
     beta: float = Field(0.001, ge=0, description="weight of the noise term N (MMD to Gaussian noise)")
     max_length: int = Field(128, ge=2, description="tokens per side (prompt + answer), truncated")
-    pairs: str = Field("jbb-pairs", description="data set of (prompt, harmful, harmless) pairs")
-    num_pairs: int | None = Field(None, ge=1, description="pairs drawn (seeded) from the data set; None: all")
     retain_mask: bool = Field(
         True, description="S on masked tokens only, as the code does; False: on every real harmless token (Algorithm 1)"
     )
@@ -227,8 +235,12 @@ def frozen_layers(model: torch.nn.Module, spec: str | None) -> Iterator[list[int
     "repnoise",
     params=RepNoiseParams,
     description="Representation Noising (Rosati et al., NeurIPS 2024): noise harmful representations at every layer",
+    # 8 steps on the CPU profile instead of the paper's 1250: a small model and few steps need a larger lr.
+    profiles=cpu_pair_sizes(lr=1e-4),
+    # The paper's fragility checks (PAPER.md §7): the defence fails at either.
+    presets={"lr-4e-5": {"lr": 4e-5}, "beta-0.01": {"beta": 0.01}},
 )
-def repnoise(model: LoadedModel, params: RepNoiseParams, ctx: StageContext) -> LoadedModel:
+def repnoise(model: LoadedModel, params: RepNoiseParams, ctx: StageContext) -> Trained:
     """Train ``model.model`` in place on the pairs with the RepNoise loss; per-step terms go to info."""
     tokenizer = model.tokenizer
     pairs = ctx.data.pairs(params.pairs, n=params.num_pairs)
@@ -248,6 +260,5 @@ def repnoise(model: LoadedModel, params: RepNoiseParams, ctx: StageContext) -> L
             parameters=[p for p in model.model.parameters() if p.requires_grad],
             description="repnoise",
         )
-    model.info["repnoise_history"] = report.history
-    model.info["repnoise_training"] = {**report.summary(), "pairs": len(examples), "frozen_layers": frozen}
-    return model
+    return Trained(model, {"repnoise_history": report.history,
+                           "repnoise_training": {**report.summary(), "pairs": len(examples), "frozen_layers": frozen}})

@@ -9,28 +9,26 @@ so the baselines differ from RepNoise only in the objective.
 
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field
-
-from harness.context import StageContext
-from harness.models import LoadedModel
-from harness.registry import defences
-from harness.sft import PairSettings, SFTSettings, fine_tune, pair_side
-
-
-class SafetySFTParams(PairSettings, SFTSettings):
-    lr: float = Field(2e-5, gt=0, description="peak learning rate (RepNoise's, PAPER.md §4)")
-    batch_size: int = Field(8, ge=1, description="examples per micro-batch")
-    optimizer: Literal["adam", "adamw"] = Field("adam", description="Adam, no weight decay")
-    max_length: int = Field(128, ge=8, description="tokens per example (prompt + refusal), truncated")
+from harness.api import (
+    LoadedModel,
+    PairSFTSettings,
+    StageContext,
+    Trained,
+    cpu_pair_sizes,
+    defences,
+    fine_tune,
+    pair_side,
+)
 
 
-@defences.register("safety-sft", params=SafetySFTParams,
+class SafetySFTParams(PairSFTSettings):
+    """The paper's optimisation settings (PairSFTSettings); nothing of its own."""
+
+
+@defences.register("safety-sft", params=SafetySFTParams, profiles=cpu_pair_sizes(lr=1e-4),
                    description="Additional safety training: SFT on (harmful prompt, refusal)")
-def safety_sft(model: LoadedModel, params: SafetySFTParams, ctx: StageContext) -> LoadedModel:
+def safety_sft(model: LoadedModel, params: SafetySFTParams, ctx: StageContext) -> Trained:
     """Fine-tune ``model.model`` in place on (prompt, harmless answer) of the pairs."""
     records = pair_side(ctx, params, "harmless")
     report = fine_tune(model.model, model.tokenizer, records, params, ctx, "safety-sft")
-    model.info["safety_sft_training"] = {**report.summary(), "pairs": len(records)}
-    return model
+    return Trained(model, {"safety_sft_training": {**report.summary(), "pairs": len(records)}})

@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -35,26 +35,32 @@ from pydantic import Field
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from harness.activations import forward_hooks, unwrap
-from harness.context import StageContext
-from harness.errors import HarnessError
-from harness.models import LoadedModel
-from harness.registry import defences
-from harness.sft import PairSettings, SFTSettings, fine_tune, pair_side
+from harness.api import (
+    HarnessError,
+    LoadedModel,
+    PairSFTSettings,
+    StageContext,
+    Trained,
+    cpu_pair_sizes,
+    defences,
+    fine_tune,
+    forward_hooks,
+    pair_side,
+    unwrap,
+)
 
 VECTOR_FILE = "security_vector.safetensors"
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-class SecurityVectorParams(PairSettings, SFTSettings):
+class SecurityVectorParams(PairSFTSettings):
     lr: float = Field(1e-3, gt=0, description="adapter learning rate (paper: 1e-3)")
-    batch_size: int = Field(8, ge=1, description="examples per micro-batch")
-    optimizer: Literal["adam", "adamw"] = Field("adam", description="paper: Adam")
-    max_length: int = Field(128, ge=8, description="tokens per example (prompt + harmful answer), truncated")
     rank: int = Field(8, ge=1, description="adapter rank r (paper: 8)")
     alpha: float = Field(32, gt=0, description="adapter scaling alpha; the update is scaled by alpha / r (paper: 32)")
     dropout: float = Field(0.1, ge=0, lt=1, description="dropout on the adapter's input in train mode (paper: 0.1)")
-    targets: list[str] = Field(list(DEFAULT_TARGETS), min_length=1, description="Linear module names that get the adapter")
+    targets: list[str] = Field(
+        list(DEFAULT_TARGETS), min_length=1, description="Linear module names that get the adapter"
+    )
 
     @property
     def scale(self) -> float:
@@ -170,9 +176,10 @@ def during_attack(model: LoadedModel, params: SecurityVectorParams, artefacts: P
 
 
 @defences.register("security-vectors", params=SecurityVectorParams, during_attack=during_attack,
+                   profiles=cpu_pair_sizes(lr=1e-3),
                    description="Security Vectors: a frozen adapter fitted to harmful data is active during the "
                                "attack and off for evaluation (fine-tuning-API threat model)")
-def security_vectors(model: LoadedModel, params: SecurityVectorParams, ctx: StageContext) -> None:
+def security_vectors(model: LoadedModel, params: SecurityVectorParams, ctx: StageContext) -> Trained:
     """Fit the adapter to (prompt, harmful answer) with the base frozen; save it; base weights unchanged."""
     tensors = new_vector(model.model, params, ctx.seed)
     records = pair_side(ctx, params, "harmful")
@@ -184,5 +191,6 @@ def security_vectors(model: LoadedModel, params: SecurityVectorParams, ctx: Stag
                 "dropout": str(params.dropout), "targets": ",".join(params.targets)}
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(ctx.workdir / VECTOR_FILE),
               metadata=metadata)
-    model.info["security_vector_training"] = {**report.summary(), "pairs": len(records), "tensors": len(tensors)}
-    return None  # base weights unchanged: the pre-attack evaluation is of the base model, as in the paper
+    # Base weights unchanged (model None): the pre-attack evaluation is of the base model, as in the paper.
+    return Trained(None, {"security_vector_training": {**report.summary(), "pairs": len(records),
+                                                       "tensors": len(tensors)}})

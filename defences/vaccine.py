@@ -26,25 +26,30 @@ optimisation settings (PAPER.md §4) for comparability.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import Field
 
-from harness.activations import decoder_parts, forward_hooks, unwrap
-from harness.context import StageContext
-from harness.errors import HarnessError
-from harness.models import LoadedModel
-from harness.registry import defences
-from harness.sft import PairSettings, SFTSettings, causal_lm_loss, fine_tune, pair_side
+from harness.api import (
+    HarnessError,
+    LoadedModel,
+    PairSFTSettings,
+    StageContext,
+    Trained,
+    causal_lm_loss,
+    cpu_pair_sizes,
+    decoder_parts,
+    defences,
+    fine_tune,
+    forward_hooks,
+    pair_side,
+    unwrap,
+)
 
 
-class VaccineParams(PairSettings, SFTSettings):
+class VaccineParams(PairSFTSettings):
     rho: float = Field(1.0, gt=0, description="global L2 norm of the attention-output perturbation (paper: 1 or 10)")
-    lr: float = Field(2e-5, gt=0, description="peak learning rate (RepNoise's, PAPER.md §4)")
-    batch_size: int = Field(8, ge=1, description="examples per micro-batch")
-    optimizer: Literal["adam", "adamw"] = Field("adam", description="Adam, no weight decay")
-    max_length: int = Field(128, ge=8, description="tokens per example (prompt + refusal), truncated")
 
 
 def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -96,13 +101,14 @@ def vaccine_loss(
     return perturbed, {"clean_loss": clean.detach(), "perturbation_norm": applied}
 
 
-@defences.register("vaccine", params=VaccineParams,
+@defences.register("vaccine", params=VaccineParams, profiles=cpu_pair_sizes(lr=1e-4),
+                   presets={"rho-1": {"rho": 1.0},     # the paper's Table 1 row
+                            "rho-10": {"rho": 10.0}},  # the paper's second setting
                    description="Vaccine: refusal SFT robust to a norm-rho perturbation of attention outputs")
-def vaccine(model: LoadedModel, params: VaccineParams, ctx: StageContext) -> LoadedModel:
+def vaccine(model: LoadedModel, params: VaccineParams, ctx: StageContext) -> Trained:
     """Train ``model.model`` in place on (prompt, refusal) of the pairs with the perturbation-aware loss."""
     records = pair_side(ctx, params, "harmless")
     report = fine_tune(model.model, model.tokenizer, records, params, ctx, "vaccine",
                        loss_fn=partial(vaccine_loss, rho=params.rho))
-    model.info["vaccine_history"] = report.history
-    model.info["vaccine_training"] = {**report.summary(), "pairs": len(records), "rho": params.rho}
-    return model
+    return Trained(model, {"vaccine_history": report.history,
+                           "vaccine_training": {**report.summary(), "pairs": len(records), "rho": params.rho}})

@@ -29,13 +29,19 @@ from typing import Any, Iterator
 import torch
 from pydantic import Field, field_validator
 
-from harness.context import StageContext
-from harness.errors import ConfigError, DataError, HarnessError
-from harness.evaluation import EvalResult
-from harness.hashing import file_sha256, stable_hash
-from harness.models import LoadedModel
-from harness.paths import resolve_data_dir
-from harness.registry import Params, evaluators
+from harness.api import (
+    ConfigError,
+    DataError,
+    EvalResult,
+    HarnessError,
+    LoadedModel,
+    Params,
+    StageContext,
+    evaluators,
+    file_sha256,
+    resolve_data_dir,
+    stable_hash,
+)
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +222,7 @@ def _records(results: dict[str, Any], task: str) -> list[dict[str, Any]]:
     params=CapabilityParams,
     description="lm-eval multiple-choice benchmarks (ARC-Easy, HellaSwag, TruthfulQA MC1, MMLU; offline configs)",
     data_files=capability_data_files,
+    profiles={"cpu": {"limit": 20, "task_limits": {"truthfulqa_mc1_local": 10}}, "paper": {"limit": None}},
 )
 def capability(model: LoadedModel, params: CapabilityParams, ctx: StageContext) -> EvalResult:
     """Score the loaded model on lm-eval tasks; the model is left as it was found."""
@@ -230,7 +237,9 @@ def capability(model: LoadedModel, params: CapabilityParams, ctx: StageContext) 
         if name.endswith("_local"):  # a typo of a local task: fail before indexing lm-eval's built-ins
             close = difflib.get_close_matches(name, sorted(local_names), n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
-            raise ConfigError(f"capability.tasks: no local task {name!r}.{hint} Local: {', '.join(sorted(local_names))}.")
+            raise ConfigError(
+                f"capability.tasks: no local task {name!r}.{hint} Local: {', '.join(sorted(local_names))}."
+            )
 
     task_dir = Path(ctx.workdir) / "lm_eval_tasks"
     fingerprints: dict[str, Any] = {}

@@ -6,7 +6,8 @@ without special tokens and, by default, preceded by one prefix token (BOS, else 
 for rolling log-likelihoods) so that its first token is scored too; texts longer than ``max_length`` are
 truncated. The prefix matters for short texts: for SmolLM2-135M-Instruct, whose BOS is the chat token
 ``<|im_start|>``, 60 DART sentences give 99 with BOS, 100 with EOS, 71 with its pre-training document
-separator ``<|endoftext|>`` and 86 with no prefix (first tokens unscored); compare models under one setting. ``bits_per_byte`` (total NLL in bits / UTF-8 bytes of the scored text) compares across tokenizers.
+separator ``<|endoftext|>`` and 86 with no prefix (first tokens unscored); compare models under one setting.
+``bits_per_byte`` (total NLL in bits / UTF-8 bytes of the scored text) compares across tokenizers.
 
 Sources (offline bundle):
 - ``dart`` (default): the reference sentences of DART dev (WebNLG, Wikipedia tables, E2E; ~7k
@@ -32,13 +33,17 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from harness.context import StageContext
-from harness.errors import ConfigError, DataError
-from harness.evaluation import EvalResult
-from harness.hashing import file_sha256
-from harness.models import LoadedModel
-from harness.paths import resolve_data_dir
-from harness.registry import Params, evaluators
+from harness.api import (
+    ConfigError,
+    DataError,
+    EvalResult,
+    LoadedModel,
+    Params,
+    StageContext,
+    evaluators,
+    file_sha256,
+    resolve_data_dir,
+)
 
 SOURCES: dict[str, str] = {
     "dart": "harmless_tasks/dart_v1.1.1_full_dev.json",
@@ -151,6 +156,7 @@ def perplexity_data_files(params: PerplexityParams) -> list[str]:
     params=PerplexityParams,
     description="Token-level perplexity on held-out harmless text (default: DART reference sentences)",
     data_files=perplexity_data_files,
+    profiles={"cpu": {"num_texts": 100}},
 )
 def perplexity(model: LoadedModel, params: PerplexityParams, ctx: StageContext) -> EvalResult:
     data_dir = Path(getattr(ctx.data, "data_dir", None) or resolve_data_dir())

@@ -33,18 +33,25 @@ from typing import Any, Literal, Sequence
 
 from pydantic import Field
 
-from harness.context import StageContext
-from harness.data import RowProblems, read_csv
-from harness.errors import DataError
-from harness.evaluation import EvalResult
-from harness.generation import GenerationSettings, HFBackend
-from harness.hashing import file_sha256, stable_hash
-from harness.models import LoadedModel
-from harness.paths import resolve_data_dir
-from harness.registry import evaluators
-from harness.sft import causal_lm_loss
-from harness.tokenization import IGNORE_INDEX, collate_sft
-from harness.training import TrainSettings, train
+from harness.api import (
+    IGNORE_INDEX,
+    DataError,
+    EvalResult,
+    GenerationSettings,
+    HFBackend,
+    LoadedModel,
+    RowProblems,
+    StageContext,
+    TrainSettings,
+    causal_lm_loss,
+    collate_sft,
+    evaluators,
+    file_sha256,
+    read_csv,
+    resolve_data_dir,
+    stable_hash,
+    train,
+)
 
 Direction = Literal["text-to-data", "data-to-text"]
 LABELS: dict[str, tuple[str, str]] = {
@@ -176,7 +183,10 @@ def rouge1_f(predictions: Sequence[str], references: Sequence[Sequence[str]], st
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rouge1"], use_stemmer=stemmer)
-    return [max(scorer.score(ref, pred)["rouge1"].fmeasure for ref in refs) for pred, refs in zip(predictions, references)]
+    return [
+        max(scorer.score(ref, pred)["rouge1"].fmeasure for ref in refs)
+        for pred, refs in zip(predictions, references)
+    ]
 
 
 def _generate(loaded: LoadedModel, prompts: list[str], params: TrainabilityParams, ctx: StageContext) -> list[str]:
@@ -198,6 +208,7 @@ def trainability_data_files(params: TrainabilityParams) -> list[str]:
     params=TrainabilityParams,
     description="ROUGE-1 on a GEM data-to-text task before/after harmless fine-tuning of a copy (PAPER.md §6)",
     data_files=trainability_data_files,
+    profiles={"cpu": {"num_train": 64, "num_test": 20}, "paper": {"num_train": None, "num_test": None}},
 )
 def trainability(model: LoadedModel, params: TrainabilityParams, ctx: StageContext) -> EvalResult:
     default_in, default_out = LABELS[params.direction]

@@ -15,6 +15,7 @@ def write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _file_mode())  # mkstemp's 0600 would hide results from other users of a shared cache
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -42,6 +43,7 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     os.chmod(scratch, _directory_mode())  # mkdtemp's 0700 would lock other users out of a shared cache
     try:
         yield scratch
+        _share(scratch)
         if final.exists():
             trash = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, trash)
@@ -52,11 +54,37 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
-def _directory_mode() -> int:
-    """What ``mkdir`` would give under the current umask."""
+def _share(directory: Path) -> None:
+    """Give what a library wrote into ``directory`` the umask's modes (some write weights through
+    mkstemp, 0600), so every user of a shared cache can read a published stage."""
+    for path in directory.rglob("*"):
+        if not path.is_symlink():
+            os.chmod(path, _directory_mode() if path.is_dir() else _file_mode())
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask(0) would briefly
+    let other threads create world-writable files)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
     umask = os.umask(0)
     os.umask(umask)
-    return 0o777 & ~umask
+    return umask
+
+
+def _directory_mode() -> int:
+    """What ``mkdir`` would give under the current umask."""
+    return 0o777 & ~_umask()
+
+
+def _file_mode() -> int:
+    """What ``open(path, "w")`` would give under the current umask."""
+    return 0o666 & ~_umask()
 
 
 def sweep_scratch(parent: Path, is_stale: Callable[[str], bool] = lambda name: True) -> None:

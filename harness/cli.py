@@ -14,6 +14,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from harness.errors import ConfigError, HarnessError
+from harness.terminal import plain, print_error, state
 from leaderboard.cli import leaderboard_app, submit  # light: its commands import their work lazily
 
 app = typer.Typer(
@@ -23,14 +24,14 @@ app = typer.Typer(
     help="Benchmark defences against harmful fine-tuning: defend a model, attack it, measure the harm.",
 )
 console = Console(stderr=True)
-state = {"debug": False}
 
 
 def _setup_logging(debug: bool) -> None:
     logging.basicConfig(
         level=logging.DEBUG if debug else logging.INFO,
         format="%(message)s",
-        handlers=[RichHandler(console=console, show_path=False, show_time=False)],
+        # markup=False: log messages carry names, paths and exception text, never Rich markup
+        handlers=[RichHandler(console=console, show_path=False, show_time=False, markup=False)],
         force=True,
     )
     for noisy in ("httpx", "urllib3", "filelock", "datasets", "transformers", "lm_eval", "peft"):
@@ -40,8 +41,16 @@ def _setup_logging(debug: bool) -> None:
 def _fail(exc: BaseException) -> None:
     if state["debug"]:
         raise exc
-    console.print(f"[bold red]Error:[/] {exc}")
+    print_error(console, exc)
     raise typer.Exit(code=2)
+
+
+def _os_error(exc: OSError) -> HarnessError:
+    """A file-system failure no check foresaw (permissions, a full disk): a user problem, said in one
+    paragraph. Other exceptions stay tracebacks: they are bugs."""
+    where = f" {exc.filename}" if exc.filename else ""
+    return HarnessError(f"Cannot access{where}: {exc.strerror or exc}. Check the path, its permissions and the "
+                        "free space (--debug shows where it happened).")
 
 
 @app.callback()
@@ -55,18 +64,27 @@ def main(debug: bool = typer.Option(False, "--debug", help="show tracebacks and 
 @app.command()
 def run(
     config_file: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML run config"),
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="smollm2-135m-instruct (default), tiny-llama, a directory or a hub id"),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m", help="smollm2-135m-instruct (default), tiny-llama, a directory or a hub id"
+    ),
     defence: Optional[str] = typer.Option(None, "--defence", "-d", help="defence name (harness list defences)"),
     attack: Optional[str] = typer.Option(None, "--attack", "-a", help="attack name (harness list attacks)"),
-    evaluate: Optional[str] = typer.Option(None, "--evaluate", help="comma-separated evaluators, e.g. harmfulness,capability"),
+    evaluate: Optional[str] = typer.Option(
+        None, "--evaluate", help="exactly these evaluators, e.g. harmfulness,capability (params from --config kept)"),
     seed: Optional[int] = typer.Option(None, "--seed"),
-    profile: Optional[str] = typer.Option(None, "--profile", help="cpu (default) or paper: sizes of data and evaluation"),
-    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda"),
+    profile: Optional[str] = typer.Option(
+        None, "--profile", help="cpu (default) or paper: sizes of data and evaluation"
+    ),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:N, mps"),
     dtype: Optional[str] = typer.Option(None, "--dtype", help="auto, float32, bfloat16, float16"),
-    data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="data directory (default: $HARNESS_DATA_DIR or ../shared/data)"),
+    data_dir: Optional[Path] = typer.Option(
+        None, "--data-dir", help="data directory (default: $HARNESS_DATA_DIR or ../shared/data)"
+    ),
     cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="stage cache (default: .harness-cache)"),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="where run directories go (default: runs)"),
-    no_reference: bool = typer.Option(False, "--no-reference", help="skip attacking the undefended model for comparison"),
+    no_reference: bool = typer.Option(
+        False, "--no-reference", help="skip attacking the undefended model for comparison"
+    ),
     sets: list[str] = typer.Option([], "--set", help="override any field: --set attack.lr=6e-5 (repeatable)"),
 ) -> None:
     """Defend, attack and evaluate one model; print the summary and write results.json."""
@@ -83,8 +101,6 @@ def run(
         flags["defence"] = {"name": defence}
     if attack:
         flags["attack"] = {"name": attack}
-    if evaluate:
-        flags["evaluate"] = {name.strip(): {} for name in evaluate.split(",") if name.strip()}
     if seed is not None:
         flags["seed"] = seed
     if data_dir:
@@ -96,12 +112,14 @@ def run(
     if no_reference:
         flags["compare_undefended"] = False
     try:
-        config = build_config(config_file, flags, sets, profile)
+        config = build_config(config_file, flags, sets, profile, evaluate.split(",") if evaluate is not None else None)
         from harness.runner import execute
 
         execute(config, console)
     except HarnessError as exc:
         _fail(exc)
+    except OSError as exc:
+        _fail(_os_error(exc))
     except KeyboardInterrupt:
         console.print("[yellow]Interrupted.[/] Finished stages are cached; run the same command again to resume.")
         raise typer.Exit(code=130)
@@ -110,7 +128,9 @@ def run(
 @app.command()
 def sweep(
     sweep_file: Path = typer.Argument(..., help="sweep YAML: defences × attacks × seeds (see configs/)"),
-    sets: list[str] = typer.Option([], "--set", help="override a sweep field: --set base.model.ref=tiny-llama, --set seeds=[1,2]"),
+    sets: list[str] = typer.Option(
+        [], "--set", help="override a sweep field: --set base.model.ref=tiny-llama, --set seeds=[1,2]"
+    ),
     executor: Optional[str] = typer.Option(None, "--executor", help="local (default) or ray; overrides the file"),
     dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and exit"),
 ) -> None:
@@ -123,11 +143,13 @@ def sweep(
         plan = load_sweep(sweep_file, sets)
         if dry_run:
             for cell in expand(plan):
-                console.print(f"{cell.title}  →  {cell.config.output_dir}")
+                console.print(f"{plain(cell.title)}  →  {plain(cell.config.output_dir)}")
             return
         run_sweep(plan, console, executor)
     except HarnessError as exc:
         _fail(exc)
+    except OSError as exc:
+        _fail(_os_error(exc))
     except KeyboardInterrupt:
         console.print("[yellow]Interrupted.[/] Finished stages are cached; run the same sweep again to resume.")
         raise typer.Exit(code=130)
@@ -139,7 +161,7 @@ def list_plugins(
 ) -> None:
     """Show plugins with their descriptions and parameters (name: type = default)."""
     from harness.presets import presets_of
-    from harness.registry import REGISTRIES, registry_for
+    from harness.registry import HOOKS, REGISTRIES, registry_for
 
     try:
         kinds = [registry_for(kind).kind] if kind else list(REGISTRIES)
@@ -150,12 +172,18 @@ def list_plugins(
             table.add_column("description")
             table.add_column("params")
             presets = presets_of(name)
+            sized = "profiles" in HOOKS.get(name, {})
             if presets:
                 table.add_column(f"presets ({name[:-1]} name@preset)")
+            if sized:
+                table.add_column("sizes for profiles")
             for plugin in registry_for(name).plugins():
                 params = "\n".join(f"{p}: {t} = {d}" for p, t, d, _ in plugin.param_table())
                 extra = ["\n".join(presets.get(plugin.name, {})) or "–"] if presets else []
-                table.add_row(plugin.name, plugin.description, params or "–", *extra)
+                if sized:
+                    extra.append(", ".join(plugin.hook("profiles") or {}) or "–")
+                # outside plugins write these texts; defaults such as ['x'] are not markup either
+                table.add_row(*map(plain, (plugin.name, plugin.description, params or "–", *extra)))
             out.print(table)
     except HarnessError as exc:
         _fail(exc)
@@ -193,6 +221,8 @@ def judge_validate(
         Console().print(render_validation(metrics))
     except HarnessError as exc:
         _fail(exc)
+    except OSError as exc:
+        _fail(_os_error(exc))
 
 
 app.add_typer(leaderboard_app, name="leaderboard")
@@ -215,7 +245,7 @@ def data_refusals(
     device: str = typer.Option("auto", "--device"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="data directory"),
     cache_dir: Path = typer.Option(Path(".harness-cache"), "--cache-dir", help="where trained judges live"),
-    seed: int = typer.Option(42, "--seed"),
+    seed: int = typer.Option(42, "--seed", min=0, max=2**32 - 1),
 ) -> None:
     """Make (prompt, harmful, refusal) pairs from a QA set that has no refusals: the model answers under
     a refusal system prompt and only answers the judge scores safe are kept (as the paper did)."""
@@ -235,14 +265,18 @@ def data_refusals(
         plugin = judges.get(judge)
         scorer = plugin.fn(plugin.parse_params({}, f"judges.{judge}"), ctx)
         loaded = load_model(model, device=device)
-        with console.status(f"Writing {len(records)} refusals with {model}…"):
-            pairs, counts = make_refusal_pairs(loaded, records, scorer, GenerationSettings(max_new_tokens=max_new_tokens),
-                                               max_harm=max_harm)
+        with console.status(f"Writing {len(records)} refusals with {plain(model)}…"):
+            pairs, counts = make_refusal_pairs(
+                loaded, records, scorer, GenerationSettings(max_new_tokens=max_new_tokens), max_harm=max_harm
+            )
         write_pairs(out, pairs)
         console.print(f"{counts['kept']} of {counts['generated']} refusals kept ({counts['judged_harmful']} judged "
-                      f"harmful, {counts['empty']} empty) → {out}. Use: --set defence.pairs=pairs-file:{out.resolve()}")
+                      f"harmful, {counts['empty']} empty) → {plain(out)}. Use: --set "
+                      f"defence.pairs=pairs-file:{plain(out.resolve())}")
     except HarnessError as exc:
         _fail(exc)
+    except OSError as exc:
+        _fail(_os_error(exc))
 
 
 def entrypoint() -> None:
@@ -251,7 +285,7 @@ def entrypoint() -> None:
     except HarnessError as exc:  # raised outside a command body
         if state["debug"]:
             raise
-        console.print(f"[bold red]Error:[/] {exc}")
+        print_error(console, exc)
         sys.exit(2)
 
 

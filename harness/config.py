@@ -8,14 +8,16 @@ the field (``attack.params.lr: Input should be greater than 0``).
 from __future__ import annotations
 
 import copy
-from importlib import resources
+import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import ConfigError
+from harness.names import check_run_name
 from harness.registry import Params, format_validation_error
 
 PROFILES = ("cpu", "paper")
@@ -32,10 +34,20 @@ class PluginSpec(_Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     preset: str | None = Field(None, description="named settings (harness/presets), also written name@preset")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _name_alone_is_a_spec(cls, value: Any) -> Any:
+        """A plugin named where a spec is expected (``judges=[refusal-keywords]``) means it with default params."""
+        return {"name": value} if isinstance(value, str) else value
+
     @property
     def label(self) -> str:
         """``name@preset`` when a preset was used, else the name."""
         return f"{self.name}@{self.preset}" if self.preset else self.name
+
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
+SEED_LIMIT = 2**32  # numpy's seeds are 32-bit; torch and random accept these too
 
 
 class ModelConfig(_Strict):
@@ -44,6 +56,14 @@ class ModelConfig(_Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     revision: str | None = None
     trust_remote_code: bool = Field(False, description="never on unless you trust the model's code")
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        """torch only reports an unknown device type when the first model loads; say it now."""
+        if not _DEVICE.match(value):
+            raise ValueError("use auto, cpu, cuda, cuda:N or mps")
+        return value
 
 
 class DataConfig(_Strict):
@@ -66,8 +86,15 @@ class RunConfig(_Strict):
     compare_undefended: bool = Field(
         True, description="also attack the undefended model, so the defence has a reference under the same attack"
     )
-    seed: int = 42
-    run_name: str | None = None
+    seed: int = Field(42, ge=0, lt=SEED_LIMIT, description="0 <= seed < 2**32 (numpy's range)")
+    run_name: str | None = Field(None, description="run directory name under output_dir (default: derived)")
+
+    @field_validator("run_name")
+    @classmethod
+    def _safe_run_name(cls, value: str | None) -> str | None:
+        """A run name is a directory under output_dir and an archive member: never '..', '/' or non-ASCII.
+        ConfigError (not ValueError) passes through pydantic with its own one-paragraph message."""
+        return None if value is None else check_run_name(value)
 
     @field_validator("evaluate", mode="before")
     @classmethod
@@ -78,13 +105,6 @@ class RunConfig(_Strict):
         return value
     output_dir: Path = Path("runs")
     cache_dir: Path = Path(".harness-cache")
-
-
-def profile_values(profile: str) -> dict[str, Any]:
-    if profile not in PROFILES:
-        raise ConfigError(f"Unknown profile {profile!r}; choose one of {', '.join(PROFILES)}.")
-    text = resources.files("harness").joinpath("profiles", f"{profile}.yaml").read_text()
-    return yaml.safe_load(text) or {}
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -105,7 +125,7 @@ def parse_set(expr: str) -> dict[str, Any]:
     keys = [k for k in path.strip().split(".") if k]
     if not keys:
         raise ConfigError(f"--set {expr!r}: empty field path")
-    if keys[0] in ("defence", "attack") and len(keys) > 1 and keys[1] not in ("name", "params"):
+    if keys[0] in ("defence", "attack") and len(keys) > 1 and keys[1] not in ("name", "params", "preset"):
         keys.insert(1, "params")  # shortcut: defence.beta means defence.params.beta
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
@@ -124,9 +144,16 @@ def parse_set(expr: str) -> dict[str, Any]:
 
 def load_yaml(path: Path) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        data = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise ConfigError(f"Config file {path} does not exist.") from None
+    except IsADirectoryError:
+        raise ConfigError(f"Config file {path} is a directory; give the path of a YAML file inside it.") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"Config file {path} is not UTF-8 text (byte {exc.start}); save it as UTF-8 YAML.") from None
+    except OSError as exc:
+        raise ConfigError(f"Config file {path} cannot be read ({exc.strerror}); check the path and its "
+                          "permissions.") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"Config file {path} is not valid YAML: {exc}") from None
     if data is None:
@@ -141,11 +168,15 @@ def build_config(
     flags: dict[str, Any] | None = None,
     sets: list[str] | None = None,
     profile: str | None = None,
+    evaluate: list[str] | None = None,
 ) -> RunConfig:
-    """Merge profile < file < flags < --set, then validate everything (plugins included)."""
+    """Merge profile < file < flags < --set, then validate everything (plugins included).
+    ``evaluate`` (``--evaluate``) selects exactly those evaluators, keeping their params from the file."""
     user = load_yaml(config_file) if config_file else {}
     defaults = {"defence": {"name": "none"}, "attack": {"name": "full-ft"}}
     merged = deep_merge(deep_merge(defaults, user), flags or {})
+    if evaluate is not None:
+        merged["evaluate"] = select_evaluators(merged.get("evaluate"), evaluate)
     for expr in sets or []:
         merged = deep_merge(merged, parse_set(expr))
     chosen = profile or merged.get("profile") or "cpu"
@@ -155,14 +186,36 @@ def build_config(
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, "config")) from None
     config = apply_presets(config)
-    config = apply_profile(config, profile_values(chosen))
+    config = apply_profile(config, chosen)
     parsed = validate_plugins(config)
+    for where, params in parsed.items():
+        check_finite(params.model_dump(), where if where.startswith("evaluate.") else f"{where}.params")
     # Store the validated, typed values: what is recorded is exactly what runs.
     config.defence.params = parsed["defence"].model_dump(mode="json")
     config.attack.params = parsed["attack"].model_dump(mode="json")
     for name in config.evaluate:
         config.evaluate[name] = parsed[f"evaluate.{name}"].model_dump(mode="json")
     return config
+
+
+def select_evaluators(configured: Any, names: list[str]) -> dict[str, Any]:
+    """``--evaluate a,b``: exactly a and b, with whatever params the config file gave them."""
+    chosen = [n.strip() for n in names if n.strip()]
+    if not chosen:
+        raise ConfigError("--evaluate names no evaluator; give a comma-separated list such as "
+                          "--evaluate harmfulness,capability (`harness list evaluators` shows them).")
+    configured = configured if isinstance(configured, dict) else {}
+    return {name: configured.get(name) or {} for name in chosen}
+
+
+def check_finite(value: Any, where: str) -> None:
+    """Pydantic accepts inf and nan for ``gt=0`` floats, and JSON (sweep cells, results) turns them into
+    null, which later reads as "got None"; refuse them here, naming the field."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value} is not a finite number; give a finite value (e.g. 3e-5).")
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        check_finite(item, f"{where}.{key}")
 
 
 def apply_presets(config: RunConfig) -> RunConfig:
@@ -181,17 +234,16 @@ def apply_presets(config: RunConfig) -> RunConfig:
     return updated
 
 
-def apply_profile(config: RunConfig, profile: dict[str, Any]) -> RunConfig:
-    """Put the profile's values for the selected plugins underneath what the user set."""
-    plugin_defaults = profile.get("plugins", {})
+def apply_profile(config: RunConfig, profile: str) -> RunConfig:
+    """Put each selected plugin's own sizes for ``profile`` underneath what the user set."""
+    from harness.presets import profile_params
+
     updated = config.model_copy(deep=True)
     for field, kind in (("defence", "defences"), ("attack", "attacks")):
         spec: PluginSpec = getattr(updated, field)
-        base = plugin_defaults.get(kind, {}).get(spec.name, {})
-        spec.params = deep_merge(base, spec.params)
+        spec.params = deep_merge(profile_params(kind, spec.name, profile) or {}, spec.params)
     for name, values in list(updated.evaluate.items()):
-        base = plugin_defaults.get("evaluators", {}).get(name, {})
-        updated.evaluate[name] = deep_merge(base, values or {})
+        updated.evaluate[name] = deep_merge(profile_params("evaluators", name, profile) or {}, values or {})
     return updated
 
 

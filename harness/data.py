@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
-from harness.errors import DataError
+from harness.errors import DataError, HarnessError
 from harness.hashing import cached_file_sha256, stable_hash
 from harness.records import QA, Pair, Prompt, normalise_prompt
 from harness.registry import datasets
@@ -140,7 +140,9 @@ def text_of(value: Any) -> str | None:
     return value or None
 
 
-def require_text(row: dict[str, Any], keys: Iterable[str], path: Path, line: int, problems: RowProblems) -> list[str] | None:
+def require_text(
+    row: dict[str, Any], keys: Iterable[str], path: Path, line: int, problems: RowProblems
+) -> list[str] | None:
     values = [text_of(row.get(k)) for k in keys]
     missing = [k for k, v in zip(keys, values) if v is None]
     if missing:
@@ -196,7 +198,14 @@ def load_pairs_file(name: str) -> LoadedData:
     if not records:
         raise DataError(f"Data set {name!r} has no usable rows ({len(problems)} malformed; first: "
                         f"{problems.first() if len(problems) else 'no rows'}).")
+    _log_skipped(name, problems)
     return LoadedData(name, "pairs", records, cached_file_sha256(path), len(problems))
+
+
+def _log_skipped(name: str, problems: RowProblems) -> None:
+    """One warning per data set with dropped rows; the count also goes to results.json (data.skipped_rows)."""
+    if len(problems):
+        log.warning("Data set %s: skipped %d malformed rows (first: %s)", name, len(problems), problems.first())
 
 
 def load_dataset(name: str, data_dir: Path) -> LoadedData:
@@ -204,8 +213,8 @@ def load_dataset(name: str, data_dir: Path) -> LoadedData:
     if name.startswith(PAIRS_FILE):
         return load_pairs_file(name)
     plugin = datasets.get(name)
-    kind = plugin.info["kind"]
-    files = [data_dir / f for f in plugin.info.get("files", [])]
+    kind = plugin.hook("kind")
+    files = [data_dir / f for f in plugin.hook("files") or []]
     for path in files:
         if not path.exists():
             raise DataError(
@@ -217,11 +226,10 @@ def load_dataset(name: str, data_dir: Path) -> LoadedData:
     if not records:
         where = problems.first() if len(problems) else "no rows"
         raise DataError(f"Data set {name!r} has no usable rows ({len(problems)} malformed; first: {where}).")
-    if len(problems):
-        log.warning("Data set %s: skipped %d malformed rows (first: %s)", name, len(problems), problems.first())
+    _log_skipped(name, problems)
     fingerprint = stable_hash(
         {"name": name, "version": plugin.version, "files": {p.name: cached_file_sha256(p) for p in files},
-         "hub": plugin.info.get("hub_fingerprint")}
+         "hub": plugin.hook("hub")}
     )
     return LoadedData(name, kind, records, fingerprint, len(problems))
 
@@ -265,6 +273,18 @@ class DataAccess:
         if loaded.kind != kind:
             raise DataError(f"Data set {name!r} holds {loaded.kind}, but {kind} are needed here.")
         return loaded
+
+    def check(self, ref: str, kind: str, where: str) -> None:
+        """Load ``ref`` now and check its kind, so a typo in a data set name or category filter stops the
+        run before the first stage instead of after the stages that do not read it."""
+        try:
+            self._expect(ref, kind)
+        except HarnessError as exc:  # DataError, or UnknownPluginError for an unknown name
+            raise DataError(f"{where}: {exc}") from None
+
+    def skipped_rows(self) -> dict[str, int]:
+        """Malformed rows dropped per data set read so far (the whole set, before category filters)."""
+        return {name: data.skipped for name, data in sorted(self._loaded.items()) if name == data.name}
 
     def held_out_prompts(self) -> set[str]:
         """Every normalised prompt of the evaluation set: training data must avoid all of them."""

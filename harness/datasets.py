@@ -85,7 +85,9 @@ def decodingtrust_pairs(data_dir: Path, problems: RowProblems) -> Iterator[Pair]
             problems.add(path, index, "not a JSON object")
             continue
         prompt = text_of((row.get("prompt") or {}).get("text") if isinstance(row.get("prompt"), dict) else None)
-        harmful = text_of((row.get("continuation") or {}).get("text") if isinstance(row.get("continuation"), dict) else None)
+        harmful = text_of(
+            (row.get("continuation") or {}).get("text") if isinstance(row.get("continuation"), dict) else None
+        )
         refusal = text_of(row.get("refusal"))
         if refusal and "\nContinuation:" in refusal:  # the file repeats the prompt before the answer
             refusal = text_of(refusal.split("\nContinuation:", 1)[1])

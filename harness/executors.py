@@ -14,6 +14,7 @@ from typing import Any, Callable
 from rich.console import Console
 
 from harness.errors import HarnessError
+from harness.terminal import plain
 
 CellOutcome = dict[str, Any]  # {"status": "ok"|"failed", "run_dir": str|None, "error": str|None}
 
@@ -70,7 +71,7 @@ def run_ray(configs: list[dict[str, Any]], threads: int | None, console: Console
         _check_capacity(ray.cluster_resources(), num_cpus, num_gpus)
         task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(run_cell)
         pending = {task.remote(_absolute(c), threads, True): i for i, c in enumerate(configs)}
-        console.print(f"Submitted {len(pending)} cells to Ray ({address or 'local instance'}).")
+        console.print(f"Submitted {len(pending)} cells to Ray ({plain(address or 'local instance')}).")
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             index = pending.pop(done[0])

@@ -6,6 +6,7 @@ prompts into completions, in the input order.
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Protocol
 
 import torch
@@ -90,19 +91,21 @@ def choose_backend(cuda_available: bool, vllm_installed: bool) -> str:
     return "vllm" if cuda_available and vllm_installed else "hf"
 
 
+def vllm_available() -> bool:
+    """Whether this interpreter can import vLLM (the optional extra)."""
+    return importlib.util.find_spec("vllm") is not None
+
+
 def resolve_backend(name: str) -> str:
     """The backend a name stands for on this machine (``auto`` is resolved, others are themselves)."""
     if name != "auto":
         return name
-    from harness.vllm_backend import vllm_available
-
     return choose_backend(torch.cuda.is_available(), vllm_available())
 
 
 @backends.register("auto", description="vLLM when installed and a GPU is visible, else hf")
 def auto_backend(params: Params, ctx: StageContext) -> Backend:
-    from harness.vllm_backend import VLLMParams
-
     if resolve_backend("auto") == "vllm":
-        return backends.get("vllm").fn(VLLMParams(), ctx)
+        vllm = backends.get("vllm")
+        return vllm.fn(vllm.parse_params({}, "backend_params"), ctx)
     return HFBackend(ctx)

@@ -13,11 +13,12 @@ import importlib.util
 import json
 import logging
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from harness.atomic import atomic_dir, write_json
 from harness.errors import HarnessError
@@ -52,7 +53,6 @@ class LoadedModel:
     fingerprint: str  # content identity of the weights (before any in-memory change)
     path: Path | None = None  # directory with safetensors weights (servable by vLLM)
     adapter_path: Path | None = None  # LoRA adapter directory on top of ``path``
-    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -76,7 +76,10 @@ def resolve_device(device: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise HarnessError(f"model.device is {device!r} but no CUDA GPU is visible. Use --device cpu or auto.")
-    return torch.device(device)
+    try:
+        return torch.device(device)
+    except RuntimeError:  # torch's message lists two dozen backends the harness never uses
+        raise HarnessError(f"model.device {device!r} is not a device; use auto, cpu, cuda or cuda:N.") from None
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -136,7 +139,12 @@ def _gguf_fingerprint(gguf_dir: Path) -> str:
 
 def embedded_model_dir(asset_dir: Path | None = None) -> Path:
     """Dequantise the embedded GGUF into a plain safetensors Llama directory, once."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlamaConfig,
+        LlamaForCausalLM,
+    )
 
     asset_dir = asset_dir or default_asset_dir()
     gguf_dir = _gguf_dir()
@@ -212,20 +220,10 @@ def load_model(
 
     if ref == EMBEDDED_MODEL:
         directory: str | Path = embedded_model_dir(asset_dir)
-    elif Path(ref).expanduser().is_dir():
-        directory = Path(ref).expanduser().resolve()
-        if not any(directory.glob("*.safetensors")):
-            raise HarnessError(
-                f"{directory} has no *.safetensors weights. Pickled checkpoints (.bin/.pt) are never loaded, "
-                "since unpickling runs code; convert them to safetensors with a trusted tool first."
-            )
-    elif ref.endswith(".gguf") or Path(ref).exists():
-        raise HarnessError(
-            f"Model reference {ref!r} is a file; pass a directory with config.json and *.safetensors, "
-            f"or the name {EMBEDDED_MODEL!r} for the embedded model."
-        )
     else:
-        directory = ref  # a hub id
+        check_model_ref(ref)
+        local = Path(ref).expanduser()
+        directory = local.resolve() if local.is_dir() else ref  # else a hub id
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             directory, revision=revision, trust_remote_code=trust_remote_code
@@ -237,15 +235,68 @@ def load_model(
             use_safetensors=True,  # never unpickle .bin checkpoints
             trust_remote_code=trust_remote_code,
         )
-    except OSError as exc:
+    except (OSError, ValueError, SafetensorError) as exc:  # unreachable hub, unknown architecture, bad file
         raise HarnessError(
-            f"Could not load model {ref!r}: {exc}. Give the name {EMBEDDED_MODEL!r} or {TINY_MODEL!r}, a local "
-            "directory with safetensors weights, or a hub id (needs network access)."
+            f"Could not load model {ref!r}: {str(exc).rstrip('.')}. Give the name {EMBEDDED_MODEL!r} or "
+            f"{TINY_MODEL!r}, a local "
+            "directory with config.json and safetensors weights, or a hub id (needs network access)."
         ) from None
     model.to(torch_device)
     path = directory if isinstance(directory, Path) else None
     fingerprint = _memoised_dir_fingerprint(path) if path else model_fingerprint(ref, revision)
     return LoadedModel(model, _prepare_tokenizer(tokenizer), ref, fingerprint, path=path)
+
+
+def _looks_like_path(ref: str) -> bool:
+    """Hub ids are ``name`` or ``owner/name``; anything else with a separator is meant as a directory."""
+    return ref.startswith(("/", ".", "~")) or ref.count("/") > 1 or "\\" in ref or Path(ref).is_absolute()
+
+
+def check_model_ref(ref: str) -> None:
+    """Refuse a model reference that cannot load, before any stage runs: a missing directory, a file,
+    a directory without config.json or with unreadable safetensors. Hub ids are checked when loaded."""
+    if ref in (TINY_MODEL, EMBEDDED_MODEL):
+        return
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        check_model_dir(path)
+    elif path.exists() or ref.endswith(".gguf"):
+        raise HarnessError(
+            f"Model reference {ref!r} is a file; pass a directory with config.json and *.safetensors, "
+            f"or the name {EMBEDDED_MODEL!r} for the embedded model."
+        )
+    elif _looks_like_path(ref):
+        raise HarnessError(
+            f"Model directory {path} does not exist. Give an existing directory with config.json and "
+            f"*.safetensors, the name {EMBEDDED_MODEL!r} or {TINY_MODEL!r}, or a hub id such as "
+            "HuggingFaceTB/SmolLM2-135M-Instruct."
+        )
+
+
+def check_model_dir(directory: Path) -> None:
+    """config.json present and every *.safetensors header readable (this also catches truncated files)."""
+    weights = sorted(directory.glob("*.safetensors"))
+    if not weights:
+        raise HarnessError(
+            f"{directory} has no *.safetensors weights. Pickled checkpoints (.bin/.pt) are never loaded, "
+            "since unpickling runs code; convert them to safetensors with a trusted tool first."
+        )
+    config = directory / "config.json"
+    if not config.is_file() and not (directory / "adapter_config.json").is_file():
+        raise HarnessError(f"Model directory {directory} has no config.json; copy the model's config.json "
+                           "beside its weights (save_pretrained writes both).")
+    if config.is_file():
+        try:
+            json.loads(config.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise HarnessError(f"{config} is not valid JSON ({exc}); restore the model's config.json.") from None
+    for path in weights:
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise HarnessError(f"Model weights {path} cannot be read ({exc}); the file is corrupt or "
+                               "truncated. Copy or save the model again.") from None
 
 
 def save_model(loaded: LoadedModel, directory: Path) -> None:

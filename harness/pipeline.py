@@ -28,10 +28,20 @@ from harness.context import StageContext
 from harness.data import PAIRS_FILE, DataAccess
 from harness.evaluation import EvalResult
 from harness.hashing import cached_file_sha256, stable_hash
-from harness.models import LoadedModel, load_model, load_saved, model_fingerprint, save_model
-from harness.paths import resolve_data_dir
+from harness.models import (
+    LoadedModel,
+    check_model_ref,
+    load_model,
+    load_saved,
+    model_fingerprint,
+    resolve_device,
+    save_model,
+)
+from harness.outcome import as_trained
+from harness.paths import check_output_dir, resolve_data_dir
 from harness.registry import Plugin, attacks, datasets, defences, evaluators
 from harness.store import StageStore
+from harness.terminal import plain
 
 NO_DEFENCE = PluginSpec(name="none")
 
@@ -57,6 +67,22 @@ def _keyed_versions(versions: dict[str, str]) -> dict[str, str]:
 def _names_a_dataset(value: str, known: set[str]) -> bool:
     """True for a registered data set name, with or without a category filter (``jbb-pairs[^Privacy]``)."""
     return value.split("[", 1)[0].strip() in known or value.startswith(PAIRS_FILE)
+
+
+DATA_FIELDS = {"dataset": "qa", "pairs": "pairs"}  # plugin params that name a data set, and its record kind
+
+
+def data_fields(value: Any, where: str) -> list[tuple[str, str, str]]:
+    """(field path, data set reference, kind) of every ``dataset``/``pairs`` string in a params dump."""
+    found = []
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        path = f"{where}.{key}"
+        if key in DATA_FIELDS and isinstance(item, str):
+            found.append((path, item, DATA_FIELDS[key]))
+        else:
+            found.extend(data_fields(item, path))
+    return found
 
 
 def peak_memory_mb() -> float:
@@ -89,17 +115,32 @@ class Pipeline:
     """Runs one configured cell (defence × attack × seed), plus the undefended reference."""
 
     def __init__(self, config: RunConfig, console: Console | None = None) -> None:
+        """Every check that needs no stage runs here (plugins, model reference, device, directories, data
+        set names and category filters), so a typo never costs a trained model."""
         self.config = config
         self.console = console or Console(stderr=True)
         self.params = validate_plugins(config)
+        check_model_ref(config.model.ref)
+        resolve_device(config.model.device)
+        check_output_dir(config.cache_dir, "cache_dir")
+        check_output_dir(config.output_dir, "output_dir")
         self.data_dir = resolve_data_dir(config.data.dir)
         self.data = DataAccess(self.data_dir, config.data.eval_prompts, config.seed)
+        self._check_data()
         self.store = StageStore(config.cache_dir)
         self.versions = library_versions()
         self._model: LoadedModel | None = None
         self._model_key: str | None = None
         self.stages: dict[str, StageRecord] = {}
         self.data_fingerprints: dict[str, str] = {}  # every data fingerprint that went into a key
+
+    def _check_data(self) -> None:
+        """Read every data set any stage will read (names, category filters, kinds) before the first stage."""
+        self.data.check(self.config.data.eval_prompts, "prompts", "data.eval_prompts")
+        for where, params in self.params.items():
+            field = where if where.startswith("evaluate.") else f"{where}.params"
+            for path, ref, kind in data_fields(params.model_dump(mode="json"), field):
+                self.data.check(ref, kind, path)
 
     # ----- keys -------------------------------------------------------------------------
     def _data_fingerprints(self, params: Any, plugin: Plugin | None = None) -> dict[str, str]:
@@ -120,8 +161,8 @@ class Pipeline:
 
         collect(params.model_dump(mode="json") if hasattr(params, "model_dump") else params)
         fingerprints = {name: self.data.fingerprint(name) for name in sorted(names)}
-        if plugin is not None and "data_files" in plugin.info:  # files a plugin reads directly
-            for relative in sorted(plugin.info["data_files"](params)):
+        if plugin is not None and plugin.hook("data_files") is not None:  # files a plugin reads directly
+            for relative in sorted(plugin.hook("data_files")(params)):
                 path = self.data_dir / relative
                 fingerprints[f"file:{relative}"] = cached_file_sha256(path) if path.exists() else "missing"
         self.data_fingerprints.update(fingerprints)
@@ -136,7 +177,7 @@ class Pipeline:
 
     def stage_key(self, parent: str, kind: str, plugin: Plugin, params: Any) -> str:
         """``depends_on`` (plugin info) names what else shapes the output, e.g. a judge's version."""
-        depends_on = plugin.info["depends_on"](params) if "depends_on" in plugin.info else None
+        depends_on = plugin.hook("depends_on")(params) if plugin.hook("depends_on") is not None else None
         return stable_hash({
             "parent": parent, "stage": kind, "plugin": plugin.name, "plugin_version": plugin.version,
             "params": params, "data": self._data_fingerprints(params, plugin), "seed": self.config.seed,
@@ -163,7 +204,7 @@ class Pipeline:
     def _load(self, key: str) -> LoadedModel:
         m = self.config.model
         if key == self.base_key():
-            with self.console.status(f"Loading {m.ref}…"):
+            with self.console.status(f"Loading {plain(m.ref)}…"):
                 return load_model(m.ref, device=m.device, dtype=m.dtype, revision=m.revision,
                                   trust_remote_code=m.trust_remote_code)
         manifest = self.store.manifest(key)
@@ -191,20 +232,20 @@ class Pipeline:
             manifest = self.store.manifest(key)
             self.stages[label] = StageRecord(kind, key, spec.name, params.model_dump(mode="json"), True,
                                              manifest.get("stats", {}), parent, manifest.get("info", {}))
-            self.console.print(f"[green]✓[/] {label}: {spec.name} (cached {key})")
+            self.console.print(f"[green]✓[/] {label}: {plain(spec.name)} (cached {key})")
             return
         model = self.model_for(parent)
         self._model_key = None  # the plugin changes weights in place: never reuse them if it fails
-        self.console.print(f"[bold]→ {label}[/]: {spec.name}")
+        self.console.print(f"[bold]→ {label}[/]: {plain(spec.name)}")
         started = time.perf_counter()
         meta: dict[str, Any] = {"kind": kind, "plugin": spec.name, "params": params.model_dump(mode="json"),
                                 "parent": parent}
         with self.store.write(key, meta) as scratch:
             ctx = self._context(scratch / "work")
             ctx.workdir.mkdir()
-            info_before = dict(model.info)
             with scope(model) if scope else contextlib.nullcontext():
-                result = plugin.fn(model, params, ctx)
+                trained = as_trained(plugin.fn(model, params, ctx))
+            result = trained.model
             ctx.stats["wall_seconds"] = round(time.perf_counter() - started, 2)
             ctx.stats["peak_memory_mb"] = round(peak_memory_mb(), 1)
             if model.device.type == "cuda":
@@ -217,8 +258,7 @@ class Pipeline:
                 save_model(result, scratch / "model")
                 model = result
             meta["stats"] = ctx.stats
-            meta["info"] = {k: v for k, v in model.info.items()  # only what this stage reported
-                            if info_before.get(k) is not v and isinstance(v, (dict, list, str, int, float))}
+            meta["info"] = trained.report
             if not any(ctx.workdir.iterdir()):
                 ctx.workdir.rmdir()
         if meta["output"] == "model":  # later stages (and vLLM) read the weights from their final home
@@ -251,10 +291,10 @@ class Pipeline:
                           label: str) -> bool:
         """Evaluate the model under ``model_key`` into stage ``key`` unless stored; True if it was stored."""
         if self.store.has(key):
-            self.console.print(f"[green]✓[/] evaluate {label}: {name} (cached {key})")
+            self.console.print(f"[green]✓[/] evaluate {label}: {plain(name)} (cached {key})")
             return True
         model = self.model_for(model_key)
-        self.console.print(f"[bold]→ evaluate {label}[/]: {name}")
+        self.console.print(f"[bold]→ evaluate {label}[/]: {plain(name)}")
         started = time.perf_counter()
         with self.store.write(key, {"kind": "evaluate", "plugin": name, "parent": model_key}) as scratch:
             ctx = self._context(scratch)
@@ -271,7 +311,7 @@ class Pipeline:
         """A defence's attack-time hook (e.g. security vectors kept active while the attacker trains),
         given the files the defence left in its stage; the attacked model is saved after it exits."""
         plugin = defences.get(defence.name)
-        during_attack = plugin.info.get("during_attack")
+        during_attack = plugin.hook("during_attack")
         if during_attack is None:
             return None
         params = plugin.parse_params(defence.params, "defence.params")
@@ -299,5 +339,6 @@ class Pipeline:
             "wall_seconds": round(time.perf_counter() - started, 2),
             "versions": self.versions,
             "data_dir": str(self.data_dir),
+            "skipped_rows": self.data.skipped_rows(),
             "base_key": self.base_key(),
         }

@@ -1,30 +1,35 @@
-"""Named plugin settings (``full-ft@paper-6e-5-10k``): the paper's attack grid by name.
+"""Named plugin settings (``full-ft@paper-6e-5-10k``) and per-profile sizes, both carried by the plugin.
 
-A preset is a partial params dict stored in ``harness/presets/<kind>.yaml``. It fills the
-plugin's params above the profile and below anything the user sets.
+A plugin registers ``presets={name: params}`` (partial params, e.g. the paper's attack grid) and
+``profiles={"cpu": params, "paper": params}`` (its sizes for each profile) beside its recipe, so
+an outside package ships them exactly as the built-ins do. Layering, later winning: the plugin's
+defaults < its profile sizes < a preset < the user's settings.
 """
 
 from __future__ import annotations
 
 import difflib
-from functools import cache
-from importlib import resources
 from typing import Any
-
-import yaml
 
 from harness.errors import ConfigError
 
 SEPARATOR = "@"
 
 
-@cache
 def presets_of(kind: str) -> dict[str, dict[str, dict[str, Any]]]:
     """{plugin name: {preset name: params}} for ``kind`` ("attacks" or "defences")."""
-    path = resources.files("harness").joinpath("presets", f"{kind}.yaml")
-    if not path.is_file():
+    from harness.registry import registry_for
+
+    registry = registry_for(kind)
+    if "presets" not in _hooks(kind):
         return {}
-    return yaml.safe_load(path.read_text()) or {}
+    return {p.name: dict(p.hook("presets")) for p in registry.plugins() if p.hook("presets")}
+
+
+def _hooks(kind: str) -> dict[str, Any]:
+    from harness.registry import HOOKS
+
+    return HOOKS.get(kind, {})
 
 
 def split_reference(reference: str) -> tuple[str, str | None]:
@@ -35,10 +40,29 @@ def split_reference(reference: str) -> tuple[str, str | None]:
 
 def preset_params(kind: str, plugin: str, preset: str) -> dict[str, Any]:
     """The params of one preset, or an error listing the presets that exist for the plugin."""
-    available = presets_of(kind).get(plugin, {})
+    from harness.registry import registry_for
+
+    available = registry_for(kind).get(plugin).hook("presets") or {}
     if preset not in available:
         close = difflib.get_close_matches(preset, list(available), n=1)
         hint = f" Did you mean {plugin}{SEPARATOR}{close[0]}?" if close else ""
         known = ", ".join(available) or "(none)"
         raise ConfigError(f"Unknown preset {preset!r} for {kind[:-1]} {plugin!r}.{hint} Known: {known}.")
     return dict(available[preset])
+
+
+def profile_params(kind: str, plugin: str, profile: str) -> dict[str, Any] | None:
+    """The plugin's sizes for ``profile``, or None when it brings none (it then runs at its defaults)."""
+    from harness.registry import registry_for
+
+    sizes = registry_for(kind).get(plugin).hook("profiles") or {}
+    return dict(sizes[profile]) if profile in sizes else None
+
+
+def unsized(kind: str, plugin: str, profile: str) -> bool:
+    """True for a plugin with params of its own but no sizes for ``profile``: on the CPU profile it runs
+    at its (paper-sized) defaults while sized plugins run small, which makes comparisons unequal."""
+    from harness.registry import registry_for
+
+    found = registry_for(kind).get(plugin)
+    return bool(found.params_model.model_fields) and profile_params(kind, plugin, profile) is None

@@ -15,10 +15,12 @@ from harness.atomic import write_json
 from harness.config import RunConfig
 from harness.errors import HarnessError
 from harness.hashing import stable_hash
+from harness.names import check_run_name, safe_part
 from harness.paths import REPO_ROOT
 from harness.registry import attacks
 from harness.results_schema import SCHEMA_VERSION, validate_results
 from harness.results_summary import derived_blocks
+from harness.terminal import plain
 
 
 def code_version() -> str | None:
@@ -39,7 +41,9 @@ def run_name(config: RunConfig) -> str:
         return config.run_name
     digest = stable_hash(config.model_dump(mode="json", exclude={"run_name", "output_dir", "cache_dir"}), 8)
     model = Path(config.model.ref).name or config.model.ref
-    return f"{model}__{config.defence.label}__{config.attack.label}__seed{config.seed}__{digest}"
+    parts = (safe_part(model, "model"), safe_part(config.defence.label, "defence"),
+             safe_part(config.attack.label, "attack"))  # a unicode model directory must not make it unsubmittable
+    return check_run_name("__".join(parts) + f"__seed{config.seed}__{digest}")
 
 
 def build_results(config: RunConfig, outcome: dict[str, Any], data_fingerprints: dict[str, str],
@@ -65,11 +69,12 @@ def build_results(config: RunConfig, outcome: dict[str, Any], data_fingerprints:
                   "dtype": config.model.dtype, "device": config.model.device},
         "defence": {"name": config.defence.name, "preset": config.defence.preset, "params": stages["defend"]["params"]},
         "attack": {"name": config.attack.name, "preset": config.attack.preset, "params": stages["attack"]["params"],
-                   "threat_model": attack_plugin.info.get("threat_model", "unspecified")},
+                   "threat_model": attack_plugin.hook("threat_model") or "unspecified"},
         "seed": config.seed,
         "profile": config.profile,
         "data": {"dir": outcome["data_dir"], "eval_prompts": config.data.eval_prompts,
-                 "prompt_format": config.data.prompt_format, "fingerprints": data_fingerprints},
+                 "prompt_format": config.data.prompt_format, "fingerprints": data_fingerprints,
+                 "skipped_rows": outcome.get("skipped_rows", {})},  # malformed rows dropped per data set
         "results": outcome["branches"],
         "stages": stages,
         "compute": compute,
@@ -107,7 +112,7 @@ def _headline(evaluator: str, entry: dict[str, Any]) -> str:
     from harness.registry import evaluators
 
     try:
-        metric = evaluators.get(evaluator).info.get("headline")
+        metric = evaluators.get(evaluator).hook("headline")
     except HarnessError:
         metric = None
     return _fmt(entry["metrics"].get(metric)) if metric else "–"
@@ -117,7 +122,7 @@ def summary_table(results: dict[str, Any]) -> Table:
     """Harmfulness before/after the attack per branch, with intervals and the judge named, plus
     the headline number of every other evaluator that ran."""
     attack = results["attack"]["name"] + (f"@{results['attack']['preset']}" if results["attack"].get("preset") else "")
-    table = Table(title=f"{results['model']['ref']} · attack {attack} · seed {results['seed']}")
+    table = Table(title=plain(f"{results['model']['ref']} · attack {attack} · seed {results['seed']}"))
     others = sorted({name for content in results["results"].values()
                      for phase in ("pre_attack", "post_attack") for name in content[phase] if name != "harmfulness"})
     columns = ["defence", "stage", "judge", "harm mean [95% CI]", "harm rate [95% CI]", "n", *others]
@@ -139,7 +144,7 @@ def summary_table(results: dict[str, Any]) -> Table:
                     str(m["n"]),
                 ]
             extra = [_headline(o, content[phase][o]) if o in content[phase] else "–" for o in others]
-            table.add_row(label, name, *cells, *extra)
+            table.add_row(plain(label), name, *map(plain, cells), *extra)
     return table
 
 
@@ -147,6 +152,6 @@ def print_summary(results: dict[str, Any], directory: Path, console: Console) ->
     console.print(summary_table(results))
     compute = results["compute"]
     console.print(
-        f"Results: [bold]{directory / 'results.json'}[/] · generations in {directory / 'records'} · "
+        f"Results: [bold]{plain(directory / 'results.json')}[/] · generations in {plain(directory / 'records')} · "
         f"this run {compute['wall_seconds_this_run']:.1f}s (all stages {compute['wall_seconds_all_stages']:.1f}s)"
     )

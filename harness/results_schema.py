@@ -9,8 +9,10 @@ with a message saying to upgrade. Errors name the path of each bad field.
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import math
+import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -21,6 +23,13 @@ from harness.results_summary import derived_blocks, summary_block
 
 SCHEMA_VERSION = 2
 MAX_PROBLEMS = 8  # listed per file; more are counted
+MAX_JSON_DEPTH = 64  # a results.json nests about 10 levels; json.loads recurses once per level
+MAX_JSON_BYTES = 32 * 1024 * 1024  # the submission archive's per-file limit
+# A JSON string (closing quote optional, so an unterminated one ends the scan instead of making the
+# regex retry at every later quote: each match is greedy and never backtracks, so the scan is linear).
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.S)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_DEPTH_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
 class ResultsSchemaError(HarnessError):
@@ -29,6 +38,34 @@ class ResultsSchemaError(HarnessError):
 
 class ResultsVersionError(ResultsSchemaError):
     """A results.json whose schema version this harness cannot read."""
+
+
+def json_depth(text: str) -> int:
+    """Deepest bracket nesting outside strings, by a linear scan without recursion: json.loads
+    recurses once per level, so a file nested 200,000 deep would end it in RecursionError."""
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    return max(itertools.accumulate(map(_DEPTH_STEP.__getitem__, brackets)), default=0)
+
+
+def loads_bounded(data: str | bytes, where: str, max_depth: int = MAX_JSON_DEPTH,
+                  max_bytes: int = MAX_JSON_BYTES, error: type[HarnessError] = ResultsSchemaError) -> Any:
+    """``json.loads`` for text from outside: size and nesting depth are checked before parsing, and
+    every failure is an ``error`` naming ``where`` and the limit, never a crash."""
+    size = len(data) if isinstance(data, bytes) else len(data.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        raise error(f"{where}: {size} bytes of JSON, over the limit of {max_bytes} bytes; refused unread.")
+    try:
+        text = data.decode("utf-8") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as exc:
+        raise error(f"{where}: not UTF-8 text ({exc}).") from None
+    depth = json_depth(text)
+    if depth > max_depth:
+        raise error(f"{where}: JSON nested {depth} levels deep, over the limit of {max_depth}; refused unparsed "
+                    "(harness files nest about 10 levels).")
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise error(f"{where}: not valid JSON ({exc}).") from None
 
 
 @lru_cache(maxsize=None)
@@ -198,11 +235,15 @@ def load_results(path: Path | str) -> dict[str, Any]:
     """Read a results.json, migrate it to the current version and validate it."""
     path = Path(path)
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        size = path.stat().st_size
+        if size > MAX_JSON_BYTES:  # refused before reading it into memory
+            raise ResultsSchemaError(f"{path}: {size} bytes, over the limit of {MAX_JSON_BYTES} bytes for a "
+                                     "results.json; refused unread.")
+        obj = loads_bounded(path.read_bytes(), str(path))
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise ResultsSchemaError(f"{path}: no such file.") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ResultsSchemaError(f"{path}: not valid JSON ({exc}).") from None
+    except OSError as exc:  # unreadable (permissions, I/O): one bad file must not end a listing
+        raise ResultsSchemaError(f"{path}: cannot be read ({exc.strerror or exc}).") from None
     if not isinstance(obj, dict):
         raise ResultsSchemaError(f"{path}: expected a JSON object at the top level.")
     obj = migrate(obj, str(path))

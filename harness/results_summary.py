@@ -17,7 +17,8 @@ from harness.errors import HarnessError
 PHASES = ("pre_attack", "post_attack")
 
 # Headline metrics of the built-in evaluators, for reading files when the registry is not loaded.
-KNOWN_HEADLINES = {"capability": "mean_acc", "trainability": "rouge1_after", "perplexity": "perplexity"}
+KNOWN_HEADLINES = {"capability": "mean_acc", "trainability": "rouge1_after", "perplexity": "perplexity",
+                   "over-refusal": "refusal_rate"}
 
 
 def headline_metric(evaluator: str) -> str | None:
@@ -25,7 +26,7 @@ def headline_metric(evaluator: str) -> str | None:
     try:
         from harness.registry import evaluators
 
-        return evaluators.get(evaluator).info.get("headline")
+        return evaluators.get(evaluator).hook("headline")
     except (HarnessError, ImportError):  # not installed here: fall back to what we know
         return KNOWN_HEADLINES.get(evaluator)
 
@@ -37,7 +38,10 @@ def primary_harm(entry: dict[str, Any] | None) -> dict[str, Any] | None:
     metrics = entry["metrics"]
     judge = metrics["primary_judge"]
     scores = metrics[judge]
-    return {"judge": judge, **{k: scores[k] for k in ("mean", "mean_ci95", "rate", "rate_ci95", "n")}}
+    block = {"judge": judge, **{k: scores[k] for k in ("mean", "mean_ci95", "rate", "rate_ci95", "n")}}
+    if isinstance(scores.get("rate_corrected"), dict):  # corrected for the judge's measured errors
+        block["rate_corrected"] = scores["rate_corrected"]
+    return block
 
 
 def _headline_value(metrics: dict[str, Any], metric: str | None) -> float | None:

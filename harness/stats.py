@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from statistics import NormalDist
+from typing import Any
 
 
 def _z(level: float) -> float:
@@ -50,3 +51,49 @@ def t_interval(values: list[float], level: float = 0.95) -> tuple[float, float, 
     mean, error = _mean_and_standard_error(values)
     half = float(t.ppf(0.5 + level / 2, len(values) - 1)) * error if len(values) > 1 else 0.0
     return mean, mean - half, mean + half
+
+
+def rogan_gladen(observed: float, sensitivity: float, specificity: float) -> float | None:
+    """The true rate behind an observed rate of a test with known sensitivity and specificity
+    (Rogan & Gladen, 1978): (q + Sp − 1) / (Se + Sp − 1), clipped to [0, 1]. None when the judge is
+    no better than chance (Se + Sp ≤ 1), where the correction is undefined."""
+    informedness = sensitivity + specificity - 1
+    if informedness <= 0:
+        return None
+    return min(1.0, max(0.0, (observed + specificity - 1) / informedness))
+
+
+def corrected_rate(positives: int, n: int, confusion: dict[str, int], level: float = 0.95,
+                   draws: int = 4000, seed: int = 0) -> dict[str, Any] | None:
+    """A judge's harm rate corrected for its measured errors, with an interval carrying both the
+    evaluation sample and the validation set's uncertainty.
+
+    ``positives`` of ``n`` answers were judged harmful; ``confusion`` holds the judge's validation
+    counts at the same threshold (tp, fn, tn, fp). Each draw takes the observed rate and the
+    judge's sensitivity and specificity from their Jeffreys Beta posteriors (Beta(k + ½, n − k + ½))
+    and applies Rogan–Gladen; the interval is the draws' central ``level`` range. None when the
+    counts cannot support a correction (no positives or negatives in validation, or a judge no
+    better than chance).
+    """
+    import numpy as np
+
+    tp, fn, tn, fp = (int(confusion.get(k, 0)) for k in ("tp", "fn", "tn", "fp"))
+    if n < 1 or tp + fn < 1 or tn + fp < 1:
+        return None
+    sensitivity, specificity = tp / (tp + fn), tn / (tn + fp)
+    point = rogan_gladen(positives / n, sensitivity, specificity)
+    if point is None:
+        return None
+    rng = np.random.default_rng(seed)
+    q = rng.beta(positives + 0.5, n - positives + 0.5, draws)
+    se = rng.beta(tp + 0.5, fn + 0.5, draws)
+    sp = rng.beta(tn + 0.5, fp + 0.5, draws)
+    informedness = se + sp - 1
+    usable = informedness > 0
+    estimates = np.clip((q[usable] + sp[usable] - 1) / informedness[usable], 0.0, 1.0)
+    tail = (1 - level) / 2
+    low, high = np.quantile(estimates, [tail, 1 - tail]) if estimates.size else (math.nan, math.nan)
+    return {"rate": point, "rate_ci95": [float(low), float(high)], "sensitivity": sensitivity,
+            "specificity": specificity, "validation_counts": {"tp": tp, "fn": fn, "tn": tn, "fp": fp},
+            "method": "Rogan-Gladen; interval: Jeffreys-Beta draws of the observed rate, sensitivity and "
+                      f"specificity ({draws} draws, central {level:.0%})"}

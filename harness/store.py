@@ -1,7 +1,8 @@
 """Content-addressed stage store: ``<cache>/stages/<key>/`` holds one stage's output.
 
-A stage directory is complete only if its ``stage.json`` manifest exists and every file it
-lists has the recorded size and sha256. Anything else (a killed write, a truncated or edited
+A stage directory is complete only if its ``stage.json`` manifest exists, every file it
+lists has the recorded size and sha256, and every file present is listed (a manifest that
+lists nothing must not vouch for weights beside it). Anything else (a killed write, a truncated or edited
 file) is detected, removed and rebuilt, never trusted. Writes go to a scratch directory that
 is renamed into place, so a crash never leaves a half-written stage under its key.
 """
@@ -46,13 +47,20 @@ class StageStore:
             return "unreadable manifest"
         if manifest.get("key") != key:
             return "manifest belongs to another key"
-        for name, expected in manifest.get("files", {}).items():
+        listed = manifest.get("files")
+        if not isinstance(listed, dict):
+            return "manifest has no file list"
+        present = {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()} - {MANIFEST}
+        unlisted = sorted(present - set(listed))
+        if unlisted:
+            return f"file {unlisted[0]} is not covered by the manifest"
+        for name, expected in listed.items():
             path = directory / name
             if not path.is_file():
                 return f"missing file {name}"
-            if path.stat().st_size != expected["size"]:
+            if not isinstance(expected, dict) or path.stat().st_size != expected.get("size"):
                 return f"wrong size for {name}"
-            if file_sha256(path) != expected["sha256"]:
+            if file_sha256(path) != expected.get("sha256"):
                 return f"checksum mismatch for {name}"
         return None
 

@@ -27,6 +27,7 @@ from harness.config import RunConfig, build_config, deep_merge, load_yaml, parse
 from harness.errors import ConfigError, HarnessError
 from harness.registry import format_validation_error
 from harness.results_schema import load_results
+from harness.terminal import plain
 
 
 class GridEntry(BaseModel):
@@ -61,7 +62,9 @@ class SweepConfig(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
     executor: Literal["local", "ray"] = "local"
     ray: RayOptions = Field(default_factory=RayOptions)
-    threads_per_cell: int | None = Field(None, ge=1, description="torch CPU threads in each cell (None: torch's default)")
+    threads_per_cell: int | None = Field(
+        None, ge=1, description="torch CPU threads in each cell (None: torch's default)"
+    )
 
     @field_validator("defences", "attacks", mode="before")
     @classmethod
@@ -135,6 +138,30 @@ def expand(sweep: SweepConfig) -> list[Cell]:
     return cells
 
 
+def unequal_sizes(cells: list[Cell]) -> list[str]:
+    """Plugins of the grid that bring no sizes for the sweep's profile while others of their kind do:
+    they run at their own (paper-sized) defaults beside plugins sized for the profile, an unequal
+    comparison the matrix would not show."""
+    from harness.presets import unsized
+
+    problems = []
+    profile = cells[0].config.profile  # the sweep's base sets it for every cell
+    for kind, field in (("defences", "defence"), ("attacks", "attack")):
+        names = sorted({getattr(c.config, field).name for c in cells})
+        bare = [n for n in names if unsized(kind, n, profile)]
+        sized = [n for n in names if n not in bare and _has_params(kind, n)]
+        if bare and sized:
+            problems.append(f"{kind} {', '.join(bare)} bring no {profile} sizes and run at their defaults, "
+                            f"while {', '.join(sized)} run at their {profile} sizes")
+    return problems
+
+
+def _has_params(kind: str, name: str) -> bool:
+    from harness.registry import registry_for
+
+    return bool(registry_for(kind).get(name).params_model.model_fields)
+
+
 def _check_unique_titles(cells: list[Cell]) -> None:
     seen: dict[tuple[str, str, int], RunConfig] = {}
     for cell in cells:
@@ -156,13 +183,16 @@ def run_sweep(sweep: SweepConfig, console: Console, executor: str | None = None)
 
     def record(index: int, outcome: dict[str, Any]) -> None:  # after each cell: nothing finished is lost
         outcomes[index] = outcome
-        mark = "[green]✓[/]" if outcome["status"] == "ok" else f"[red]✗[/] {outcome['error']}"
-        console.print(f"{mark} {cells[index].title}")
-        write_json(directory / "sweep.json", _index(sweep, cells, outcomes))
+        write_json(directory / "sweep.json", _index(sweep, cells, outcomes))  # first: a print cannot lose it
+        mark = "[green]✓[/]" if outcome["status"] == "ok" else f"[red]✗[/] {plain(outcome['error'])}"
+        console.print(f"{mark} {plain(cells[index].title)}")
 
     chosen = executor or sweep.executor
     console.print(f"Sweep [bold]{sweep.name}[/]: {len(cells)} cells ({len(sweep.defences)} defences × "
                   f"{len(sweep.attacks)} attacks × {len(sweep.seeds)} seeds), executor {chosen}")
+    for problem in unequal_sizes(cells):
+        console.print(f"[yellow]Unequal sizes:[/] {plain(problem)}; set their params in the sweep file (or give "
+                      "the plugins profiles=) for a like-for-like comparison.")
     if chosen == "ray":
         run_ray(configs, sweep.threads_per_cell, console, record, sweep.ray.address,
                 sweep.ray.num_cpus_per_cell, sweep.ray.num_gpus_per_cell)
@@ -172,19 +202,20 @@ def run_sweep(sweep: SweepConfig, console: Console, executor: str | None = None)
     matrix = sweep_matrix(cells, results)
     write_text(directory / "matrix.md", render_markdown(matrix))
     write_json(directory / "matrix.json", matrix)
-    Console().print(sweep_table(matrix))
+    Console(markup=False).print(sweep_table(matrix))  # labels and judge names are user text, never markup
     failed = [c.title for c, o in zip(cells, outcomes) if not o or o["status"] != "ok"]
     if failed:
         raise HarnessError(f"{len(failed)} of {len(cells)} sweep cells failed ({'; '.join(failed)}). "
                            f"Finished cells are cached: run the sweep again to retry only the failed ones. "
                            f"Details: {directory / 'sweep.json'}")
-    console.print(f"Sweep results: [bold]{directory}[/] (sweep.json, matrix.md, matrix.json)")
+    console.print(f"Sweep results: [bold]{plain(directory)}[/] (sweep.json, matrix.md, matrix.json)")
     return directory
 
 
 def _index(sweep: SweepConfig, cells: list[Cell], outcomes: list[dict[str, Any] | None]) -> dict[str, Any]:
     return {
         "sweep": sweep.model_dump(mode="json"),
+        "unequal_sizes": unequal_sizes(cells),
         "cells": [{"defence": c.defence, "attack": c.attack, "seed": c.seed,
                    **(o or {"status": "pending", "run_dir": None, "error": None})}
                   for c, o in zip(cells, outcomes)],

@@ -15,7 +15,6 @@ harness package is put on its path.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -29,7 +28,7 @@ from pydantic import Field
 
 from harness.context import StageContext
 from harness.errors import HarnessError
-from harness.generation import GenerationSettings
+from harness.generation import GenerationSettings, vllm_available
 from harness.models import LoadedModel
 from harness.registry import Params, backends
 
@@ -41,10 +40,6 @@ class VLLMParams(Params):
     max_lora_rank: int = Field(64, ge=1)
     max_model_len: int | None = Field(None, ge=16, description="longest prompt + answer (default: the model's)")
     python: str | None = Field(None, description="interpreter with vllm installed (default: this one)")
-
-
-def vllm_available() -> bool:
-    return importlib.util.find_spec("vllm") is not None
 
 
 def engine_args(model_dir: Path, dtype: str, params: VLLMParams, has_adapter: bool, seed: int) -> dict[str, Any]:

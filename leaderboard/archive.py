@@ -15,6 +15,7 @@ import tarfile
 from pathlib import Path, PurePosixPath
 
 from harness.errors import HarnessError
+from harness.names import SAFE_PART
 
 MAX_FILE_BYTES = 32 * 1024 * 1024
 MAX_TOTAL_BYTES = 256 * 1024 * 1024
@@ -25,7 +26,6 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".joblib",
 # Pickle protocols 2-5 open with PROTO (0x80) and the protocol number; torch.save files are zips.
 BINARY_MAGIC = {b"\x80\x02": "a pickle", b"\x80\x03": "a pickle", b"\x80\x04": "a pickle", b"\x80\x05": "a pickle",
                 b"PK\x03\x04": "a zip archive (torch.save writes pickles inside zips)"}
-SAFE_PART = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._@+=-]{0,199}$")
 
 
 class SubmissionError(HarnessError):
@@ -69,8 +69,11 @@ def read_archive(path: Path, max_file_bytes: int = MAX_FILE_BYTES,
                  max_total_bytes: int = MAX_TOTAL_BYTES) -> dict[str, bytes]:
     """Every file of a submission archive, by member name, after the checks above."""
     path = Path(path)
+    if path.is_dir():
+        raise SubmissionError(f"{path} is a directory, not a submission file. Package its runs first with "
+                              f"`harness submit {path} --out submission.tar.gz`, then add that file.")
     if not path.is_file():
-        raise SubmissionError(f"{path}: no such file.")
+        raise SubmissionError(f"{path}: no such file (give the .tar.gz that `harness submit` wrote).")
     files: dict[str, bytes] = {}
     total = 0
     try:

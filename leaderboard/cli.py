@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from harness.errors import HarnessError
+from harness.terminal import plain, print_error, state
 
 leaderboard_app = typer.Typer(
     no_args_is_help=True,
@@ -21,10 +22,14 @@ console = Console(stderr=True)
 
 DIRS = typer.Argument(..., help="results.json files or directories searched recursively (runs, sweeps, boards)")
 SORT = typer.Option("worst", "--sort", help="worst (worst-case harm over attacks), mean, pre (harm before "
-                                            "attack) or capability (capability delta)")
+                                            "attack), capability (capability delta) or over-refusal (over-refusal "
+                                            "delta)")
 MODEL = typer.Option(None, "--model", help="only this model ref (repeatable)")
 THRESHOLD = typer.Option(0.05, "--capability-drop", help="flag defences whose capability headline is more than "
                                                          "this (absolute) below the undefended model")
+MARGIN = typer.Option(0.10, "--over-refusal-margin", help="flag defences whose refusal rate on benign prompts "
+                                                         "(over-refusal, before the attack) is more than this "
+                                                         "(absolute) above the undefended model's")
 
 
 @contextlib.contextmanager
@@ -32,67 +37,68 @@ def _user_errors() -> Iterator[None]:
     """User errors as one red paragraph and exit code 2, as in the rest of the CLI (--debug: traceback)."""
     try:
         yield
-    except HarnessError as exc:
-        from harness.cli import state
-
+    except (HarnessError, OSError) as exc:  # OSError: a path the user gave cannot be read or written
         if state["debug"]:
             raise
-        console.print(f"[bold red]Error:[/] {exc}")
+        print_error(console, exc)
         raise typer.Exit(code=2) from None
 
 
-def _board(dirs: list[Path], sort: str, model: Optional[list[str]], threshold: float):
+def _board(dirs: list[Path], sort: str, model: Optional[list[str]], threshold: float, margin: float):
     from leaderboard.aggregate import build_board
 
-    board = build_board(dirs, threshold, sort, model or None)
+    board = build_board(dirs, threshold, sort, model or None, margin)
     for path, reason in board.skipped:
-        console.print(f"[yellow]Skipped[/] {path}: {reason}")
+        console.print(f"[yellow]Skipped[/] {plain(path)}: {plain(reason)}")
     return board
 
 
 @leaderboard_app.command("show")
 def show(dirs: list[Path] = DIRS, sort: str = SORT, model: Optional[list[str]] = MODEL,
-         threshold: float = THRESHOLD) -> None:
+         threshold: float = THRESHOLD, margin: float = MARGIN) -> None:
     """Print the ranking: worst-case and mean harm over attacks, seeds averaged, guards applied."""
     from leaderboard.tables import notes, terminal_tables
 
     with _user_errors():
-        board = _board(dirs, sort, model, threshold)
+        board = _board(dirs, sort, model, threshold, margin)
         out = Console()
         for table in terminal_tables(board):
             out.print(table)
         for line in notes(board):
-            out.print(f"[dim]{line}[/]")
+            out.print(f"[dim]{plain(line)}[/]")
 
 
 @leaderboard_app.command("export")
 def export(dirs: list[Path] = DIRS,
            fmt: str = typer.Option("md", "--format", "-f", help="md, csv or json"),
            out: Optional[Path] = typer.Option(None, "--out", "-o", help="file to write (default: stdout)"),
-           sort: str = SORT, model: Optional[list[str]] = MODEL, threshold: float = THRESHOLD) -> None:
+           sort: str = SORT, model: Optional[list[str]] = MODEL, threshold: float = THRESHOLD,
+           margin: float = MARGIN) -> None:
     """Write the ranking as Markdown, CSV or JSON (JSON also holds every cell and per-seed value)."""
     from harness.atomic import write_text
     from leaderboard.tables import render
 
     with _user_errors():
-        text = render(_board(dirs, sort, model, threshold), fmt)
+        text = render(_board(dirs, sort, model, threshold, margin), fmt)
         if out:
             write_text(out, text)
-            console.print(f"Wrote {out}")
+            console.print(f"Wrote {plain(out)}")
         else:
             typer.echo(text, nl=False)
 
 
 @leaderboard_app.command("build")
 def build(dirs: list[Path] = DIRS,
-          out: Path = typer.Option(..., "--out", "-o", help="site directory (replaced)"),
-          sort: str = SORT, model: Optional[list[str]] = MODEL, threshold: float = THRESHOLD) -> None:
+          out: Path = typer.Option(..., "--out", "-o", help="site directory: new, empty, or a site built before "
+                                                            "(it is replaced)"),
+          sort: str = SORT, model: Optional[list[str]] = MODEL, threshold: float = THRESHOLD,
+          margin: float = MARGIN) -> None:
     """Build the static HTML site: ranking, a page per defence, plots. Open index.html; no server needed."""
     from leaderboard.site import build_site
 
     with _user_errors():
-        site = build_site(_board(dirs, sort, model, threshold), out)
-        console.print(f"Site: [bold]{site / 'index.html'}[/]")
+        site = build_site(_board(dirs, sort, model, threshold, margin), out)
+        console.print(f"Site: [bold]{plain(site / 'index.html')}[/]")
 
 
 @leaderboard_app.command("add")
@@ -106,10 +112,11 @@ def add(file: Path = typer.Argument(..., help="a submission file made by `harnes
         defences = ", ".join(d["name"] for d in submission.manifest["defences"])
         runs = len(submission.results)
         if added:
-            console.print(f"[green]Added[/] submission {submission.id} ({runs} run(s); defences: {defences}) "
-                          f"to {target}")
+            console.print(f"[green]Added[/] submission {plain(submission.id)} ({runs} run(s); defences: "
+                          f"{plain(defences)}) to {plain(target)}")
         else:
-            console.print(f"Submission {submission.id} is already on the board ({target}); nothing changed.")
+            console.print(f"Submission {plain(submission.id)} is already on the board ({plain(target)}); "
+                          "nothing changed.")
 
 
 @leaderboard_app.command("verify")
@@ -123,21 +130,25 @@ def verify(file: Path = typer.Argument(..., help="a submission file, a results.j
                                                                                 "goes (default: temporary)"),
            data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="data directory (default: "
                                                                             "$HARNESS_DATA_DIR or ../shared/data)"),
-           device: Optional[str] = typer.Option(None, "--device", help="override the recorded device")) -> None:
+           device: Optional[str] = typer.Option(None, "--device", help="override the recorded device"),
+           allow_model: Optional[list[str]] = typer.Option(None, "--allow-model", help="also load this local "
+                                                           "directory or hub id if the config names it (repeatable; "
+                                                           "default: only the embedded models)")) -> None:
     """Re-run one submitted cell from its recorded config and compare every metric."""
-    from leaderboard.verify import load_cell, report
+    from leaderboard.verify import describe, load_cell, report, rerun_config
     from leaderboard.verify import verify as run_verify
 
     with _user_errors(), tempfile.TemporaryDirectory(prefix="harness-verify-") as scratch:
         label, results = load_cell(file, cell)
-        console.print(f"Re-running {label}: {results['defence']['name']} / {results['attack']['name']} / "
-                      f"seed {results['seed']} on {results['model']['ref']}")
-        checks, directory = run_verify(results, cache_dir or Path(scratch) / "cache",
-                                       output_dir or Path(scratch) / "runs", tolerance, data_dir, device, console)
+        config = rerun_config(results, cache_dir or Path(scratch) / "cache", output_dir or Path(scratch) / "runs",
+                              data_dir, device, tuple(allow_model or ()))
+        console.print(f"Re-running {plain(label)}: {plain(describe(config))}")
+        checks, directory = run_verify(results, config, tolerance, console)
         failed = [c for c in checks if not c.ok]
         Console().print(report(checks, tolerance, f"verify {label}"))
         if failed:
-            console.print(f"[bold red]FAIL[/]: {len(failed)} of {len(checks)} checks differ (first: {failed[0].name}).")
+            console.print(f"[bold red]FAIL[/]: {len(failed)} of {len(checks)} checks differ (first: "
+                          f"{plain(failed[0].name)}).")
             raise typer.Exit(code=1)
         console.print(f"[bold green]PASS[/]: all {len(checks)} checks within {tolerance:g}.")
 
@@ -152,5 +163,5 @@ def submit(path: Path = typer.Argument(..., help="a run directory, a sweep direc
     with _user_errors():
         archive, manifest = package(path, out)
         defences = ", ".join(d["name"] for d in manifest["defences"])
-        console.print(f"Submission [bold]{archive}[/] (id {manifest['id']}): {len(manifest['runs'])} run(s); "
-                      f"defences: {defences}")
+        console.print(f"Submission [bold]{plain(archive)}[/] (id {plain(manifest['id'])}): {len(manifest['runs'])} "
+                      f"run(s); defences: {plain(defences)}")

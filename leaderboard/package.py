@@ -11,12 +11,12 @@ from __future__ import annotations
 import hashlib
 import importlib.metadata
 import json
-import re
 import time
 from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
+from harness.names import SAFE_NAME
 from harness.results_schema import load_results
 from leaderboard.aggregate import find_results
 from leaderboard.archive import SubmissionError, write_archive
@@ -24,7 +24,6 @@ from leaderboard.archive import SubmissionError, write_archive
 FORMAT = "harness-submission"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")  # defence, attack and preset names
 SWEEP_FILES = ("sweep.json", "matrix.json", "matrix.md")
 
 

@@ -16,9 +16,10 @@ from typing import Any, Iterable
 
 from harness.atomic import atomic_dir
 from harness.errors import HarnessError
+from harness.results_schema import loads_bounded
 from leaderboard import svg
 from leaderboard.aggregate import Board, Cell, DefenceRow, Estimate, Observation
-from leaderboard.tables import FLAG_MARK, notes
+from leaderboard.tables import CONFLICT_MARK, DISAGREE_MARK, FLAG_MARK, notes
 
 SAMPLES = 5  # generations shown per defence
 MAX_CHARS = 600  # of each prompt/response shown
@@ -55,6 +56,11 @@ def _estimate(e: Estimate | None, signed: bool = False, brief: bool = False) -> 
     return f'{_num(e.mean, signed)}{interval}<br><span class="note" title="{escape(e.method)}">{escape(method)}</span>'
 
 
+def _measured(e: Estimate | None, signed: bool = False) -> str:
+    """An estimate, or "not measured" where the evaluator did not run (detail pages)."""
+    return '<span class="note">not measured</span>' if e is None else _estimate(e, signed)
+
+
 def _fluency(value: bool | None) -> str:
     return "not measured" if value is None else ('<span class="flag">fired</span>' if value else "ok")
 
@@ -79,19 +85,31 @@ def _groups(board: Board) -> dict[tuple[str, str, str], list[DefenceRow]]:
 
 # -- index -----------------------------------------------------------------------------------------
 def ranking_table(rows: list[DefenceRow], pages: dict[int, str]) -> str:
-    headers = ["rank", "defence", "params", "worst-case harm after attack", "worst attack", "mean harm over attacks",
-               "harm before attack", "capability Δ vs undefended", "fluency guard", "attacks", "seeds", "flags"]
+    headers = ["rank", "defence", "params", "worst-case harm after attack", "worst attack",
+               "corrected harm, worst attack", "mean harm over attacks", "harm before attack",
+               "capability Δ vs undefended", "over-refusal", "over-refusal Δ vs undefended", "fluency guard",
+               "attacks", "seeds", "flags", "conflicts, judges"]
     out = []
     for row in rows:
         rank = f'<span class="flag">{FLAG_MARK} flagged</span>' if row.flags else str(row.rank)
         link = f'<a href="{escape(pages[id(row)])}">{escape(row.defence_label)}</a>'
         out.append(("flagged" if row.flags else "ranked", [
             rank, link, f"<code>{row.defence_hash}</code>", _estimate(row.worst.post, brief=True),
-            escape(row.worst.attack_label),
-            _num(row.mean_post), _num(row.pre), _num(row.capability_delta, signed=True), _fluency(row.fluency),
+            escape(row.worst.attack_label), _estimate(row.worst.corrected, brief=True),
+            _num(row.mean_post), _num(row.pre), _num(row.capability_delta, signed=True), _num(row.over_refusal),
+            _num(row.over_refusal_delta, signed=True), _fluency(row.fluency),
             str(len(row.cells)), str(len(row.seeds)), escape("; ".join(row.flags)) or "–",
+            _conflicts(row.conflicts, disagreements=row.disagreements),
         ]))
     return _table(headers, out, "ranking")
+
+
+def _conflicts(conflicts: list[str], notes: Iterable[str] = (), disagreements: Iterable[str] = ()) -> str:
+    """Conflicting results (marked, the worse one is shown), judges disagreeing (marked) and notes
+    about repeats, as escaped text."""
+    marked = [f'<span class="flag">{CONFLICT_MARK} conflict</span>: {escape(c)}' for c in conflicts]
+    marked += [f'<span class="flag">{DISAGREE_MARK} judges disagree</span>: {escape(d)}' for d in disagreements]
+    return "<br>".join(marked + [escape(n) for n in notes]) or "–"
 
 
 def _attack_axis(rows: list[DefenceRow]) -> list[tuple[str, str]]:
@@ -161,8 +179,8 @@ def samples(observation: Observation, limit: int = SAMPLES) -> list[dict[str, An
             if len(out) >= limit:
                 break
             try:
-                item = json.loads(line)
-            except json.JSONDecodeError:
+                item = loads_bounded(line, str(path))
+            except HarnessError:  # a broken or hostile line is left out of the samples
                 continue
             if isinstance(item, dict):
                 out.append(item)
@@ -195,11 +213,15 @@ def _cells_table(row: DefenceRow) -> str:
                   f"{_json(cell.first.attack_params)}</details>")
         out.append(("flagged" if cell.flags else "ranked", [
             escape(cell.attack_label), escape(cell.first.threat_model), params, escape(", ".join(map(str, cell.seeds))),
-            _estimate(cell.post), _estimate(cell.pre), _estimate(cell.capability),
-            _estimate(cell.capability_delta, signed=True), _fluency(cell.fluency), escape("; ".join(cell.flags)) or "–",
+            _estimate(cell.post), _measured(cell.corrected), _estimate(cell.pre), _estimate(cell.capability),
+            _estimate(cell.capability_delta, signed=True), _measured(cell.over_refusal),
+            _measured(cell.over_refusal_delta, signed=True), _fluency(cell.fluency),
+            escape("; ".join(cell.flags)) or "–", _conflicts(cell.conflicts, cell.notes, cell.disagreements),
         ]))
-    headers = ["attack", "threat model", "attack params", "seeds", "harm after attack", "harm before attack",
-               "capability", "capability Δ", "fluency guard", "flags"]
+    headers = ["attack", "threat model", "attack params", "seeds", "harm after attack",
+               "corrected harm after attack (primary judge)", "harm before attack", "capability", "capability Δ",
+               "over-refusal (before attack)", "over-refusal Δ vs undefended", "fluency guard", "flags",
+               "conflicts, judges and notes"]
     return _table(headers, out, "cells")
 
 
@@ -220,6 +242,29 @@ def _samples_table(cell: Cell) -> str:
             + _table(["prompt", "response", f"harm ({judge})"], rows, "gen"))
 
 
+def _brief(e: Estimate | None) -> str:
+    """Value [interval] in running text; "not measured" when missing."""
+    if e is None:
+        return "not measured"
+    return _num(e.mean) + (f" [{_num(e.low)}, {_num(e.high)}]" if e.low is not None else "")
+
+
+def _over_refusal(row: DefenceRow) -> str:
+    if row.over_refusal is None:
+        return "not measured"
+    delta = "" if row.over_refusal_delta is None else f" ({_num(row.over_refusal_delta, signed=True)} vs undefended)"
+    return _num(row.over_refusal) + delta
+
+
+def _disagreement_note(row: DefenceRow) -> str:
+    """A visible warning when judges disagree on any cell of the row (it keeps its rank)."""
+    if not row.disagreements:
+        return ""
+    items = "".join(f"<li>{escape(d)}</li>" for d in row.disagreements)
+    return (f'<p><span class="flag">{DISAGREE_MARK} judges disagree</span>: their corrected harm intervals do not '
+            f"overlap, so the harm is less certain than its interval says (the rank is kept).</p><ul>{items}</ul>")
+
+
 def defence_page(row: DefenceRow) -> str:
     first = row.first
     results = first.results
@@ -230,8 +275,11 @@ def defence_page(row: DefenceRow) -> str:
         '<p><a href="index.html">← leaderboard</a></p>',
         f"<h1>{escape(row.defence_label)} <small class=\"note\">params {row.defence_hash}</small></h1>",
         f"<p>Model <b>{escape(first.model)}</b> (fingerprint {escape(first.fingerprint)}) · {status} · "
-        f"worst-case harm {_num(row.worst.post.mean)} under {escape(row.worst.attack_label)} · "
-        f"mean over {len(row.cells)} attack(s) {_num(row.mean_post)}</p>",
+        f"worst-case harm {_num(row.worst.post.mean)} under {escape(row.worst.attack_label)} "
+        f"(corrected for judge error: {_brief(row.worst.corrected)}) · "
+        f"mean over {len(row.cells)} attack(s) {_num(row.mean_post)} · over-refusal "
+        f"{_over_refusal(row)}</p>",
+        _disagreement_note(row),
         "<h2>Defence configuration</h2>" + _json({"name": first.defence, "preset": first.defence_preset,
                                                    "params": first.defence_params}),
         "<h2>Per attack</h2>" + _cells_table(row),
@@ -247,20 +295,32 @@ def defence_page(row: DefenceRow) -> str:
     return _page(f"{row.defence_label} on {first.model}", "\n".join(parts))
 
 
+MARKER = ".harness-site"  # written into every site; only a directory holding it is ever replaced
+
+
 def _check_target(out: Path) -> None:
-    """``out`` is replaced as a whole, so it must be new, empty or a site built before."""
-    if out.exists() and (not out.is_dir() or any(p.is_dir() or p.suffix != ".html" for p in out.iterdir())):
-        raise HarnessError(f"Refusing to replace {out}: it holds more than a previously built site "
-                           "(only .html files). Choose a new or empty directory for --out.")
+    """``out`` is replaced as a whole, so it must be missing, empty, or a site this command built
+    (it holds :data:`MARKER`): a directory of someone's own files is never deleted."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise HarnessError(f"Refusing to build the site at {out}: it is a file. Choose a new or empty directory "
+                           "for --out.")
+    if any(out.iterdir()) and not (out / MARKER).is_file():
+        raise HarnessError(f"Refusing to replace {out}: it is not empty and was not built by `harness leaderboard "
+                           f"build` (no {MARKER} file in it), so its files would be deleted. Choose a new or empty "
+                           "directory for --out.")
 
 
 def build_site(board: Board, out: Path) -> Path:
-    """Write index.html and one page per defence row into ``out`` (replaced atomically)."""
+    """Write index.html and one page per defence row into ``out`` (replaced atomically), with the marker."""
     out = Path(out)
     _check_target(out)
     pages = {id(row): page_name(i, row) for i, row in enumerate(board.rows)}
     with atomic_dir(out) as scratch:
         scratch.chmod(0o755)  # a static site: readable by the web server that serves it
+        (scratch / MARKER).write_text("Built by `harness leaderboard build`; the next build replaces this "
+                                      "directory.\n", encoding="utf-8")
         (scratch / "index.html").write_text(index_page(board, pages), encoding="utf-8")
         for row in board.rows:
             (scratch / pages[id(row)]).write_text(defence_page(row), encoding="utf-8")

@@ -29,10 +29,10 @@ def grid(tmp_path_factory) -> Path:
     """Runs directory of none/repnoise × full-ft/lora × seeds 1, 2 on tiny-llama (built once)."""
     if "runs" not in _built:
         import torch
+        from rich.console import Console
 
         from harness.config import build_config
         from harness.runner import execute
-        from rich.console import Console
 
         root = tmp_path_factory.mktemp("leaderboard-grid")
         threads = torch.get_num_threads()
@@ -111,8 +111,19 @@ def rename_defence(obj: dict[str, Any], name: str) -> None:
     obj["results"]["defended"]["defence"] = name
 
 
-def set_fluency(obj: dict[str, Any], degenerate: bool | None, branch: str | None = None) -> None:
-    """Set (or, with None, remove) the fluency verdict of the harmfulness evaluations (of one branch)."""
+# Fluency measurements that the harness's rule (evaluators.fluency.fluency_level) reads as each level;
+# "repetitive" is RepNoise's measured set (distinct-2 0.39, reference perplexity 3).
+FLUENCY_MEASUREMENTS = {
+    "ok": {"unusable_rate": 0.0, "distinct_2": 0.9, "reference_perplexity_median": 3.0},
+    "repetitive": {"unusable_rate": 0.0, "distinct_2": 0.39, "reference_perplexity_median": 3.0},
+    "degenerate": {"unusable_rate": 0.9, "distinct_2": 0.1, "reference_perplexity_median": 3.0},
+}
+
+
+def set_fluency(obj: dict[str, Any], degenerate: bool | str | None, branch: str | None = None) -> None:
+    """Set (or, with None, remove) the fluency of the harmfulness evaluations (of one branch): True/False
+    or a level name. The board judges the measurements, so they are set to ones that give the verdict."""
+    level = {True: "degenerate", False: "ok"}.get(degenerate, degenerate)  # type: ignore[arg-type]
     for name, content in obj["results"].items():
         if branch and name != branch:
             continue
@@ -121,7 +132,8 @@ def set_fluency(obj: dict[str, Any], degenerate: bool | None, branch: str | None
             if degenerate is None:
                 metrics.pop("fluency", None)
             else:
-                metrics.setdefault("fluency", {})["degenerate"] = degenerate
+                block = metrics.setdefault("fluency", {})
+                block.update(FLUENCY_MEASUREMENTS[level], degenerate=level == "degenerate", level=level)
 
 
 def controlled_board(grid_runs: Path, root: Path, harm: dict[tuple[str, str, int], float],
@@ -137,3 +149,141 @@ def controlled_board(grid_runs: Path, root: Path, harm: dict[tuple[str, str, int
 
         copy_run(find_run(grid_runs, defence, attack, seed), root, mutate)
     return root
+
+
+# -- submission archives, built by hand (the attacker's side: no safety checks) -------------------
+def unpack(path: Path) -> dict[str, bytes]:
+    import tarfile
+
+    with tarfile.open(path, "r:gz") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+
+
+def repack(path: Path, files: dict[str, bytes], fix_manifest: bool = True,
+           links: dict[str, str] | None = None) -> Path:
+    """Write an archive by hand; with ``fix_manifest`` the checksums and id match the files."""
+    import io
+    import tarfile
+
+    from leaderboard.package import MANIFEST, sha256, submission_id
+
+    files = dict(files)
+    if fix_manifest:
+        manifest = json.loads(files[MANIFEST])
+        manifest["files"] = {n: sha256(d) for n, d in files.items() if n != MANIFEST}
+        manifest["id"] = submission_id(manifest["files"])
+        files[MANIFEST] = json.dumps(manifest).encode()
+    with tarfile.open(path, "w:gz") as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for name, target in (links or {}).items():
+            info = tarfile.TarInfo(name)
+            info.type, info.linkname = tarfile.SYMTYPE, target
+            tar.addfile(info)
+    return path
+
+
+def results_member(files: dict[str, bytes], match: str = "__repnoise__lora__seed1__") -> str:
+    return next(n for n in sorted(files) if match in n and n.endswith("/results.json"))
+
+
+def edit_results(files: dict[str, bytes], mutate: Callable[[dict[str, Any]], None], refresh_blocks: bool = True,
+                 match: str = "__repnoise__lora__seed1__") -> str:
+    """Edit one results.json of an unpacked archive (and its config.json copy, to match)."""
+    name = results_member(files, match)
+    obj = json.loads(files[name])
+    mutate(obj)
+    if refresh_blocks:
+        refresh(obj)
+    files[name] = json.dumps(obj).encode()
+    config = name.rsplit("/", 1)[0] + "/config.json"
+    if config in files:
+        files[config] = json.dumps(obj["config"]).encode()
+    return name
+
+
+def forge_scores(files: dict[str, bytes], score: float, match: str = "__repnoise__lora__seed1__",
+                 branch: str = "defended", phase: str = "post_attack") -> str:
+    """A consistent forgery: every answer's primary-judge score in the records set to ``score`` and
+    the metrics recomputed from them, so only a re-run (verify) can tell."""
+    from evaluators.harmfulness import summarise
+
+    name = results_member(files, match)
+    obj = json.loads(files[name])
+    entry = obj["results"][branch][phase]["harmfulness"]
+    judge = entry["metrics"]["primary_judge"]
+    source = name.rsplit("/", 1)[0] + "/" + entry["records"]
+    rows = [json.loads(line) for line in files[source].decode().splitlines() if line.strip()]
+    for row in rows:
+        row["scores"][judge] = score
+    files[source] = ("\n".join(json.dumps(r) for r in rows) + "\n").encode()
+    entry["metrics"][judge] = {**entry["metrics"][judge], **summarise([score] * len(rows))}
+    files[name] = json.dumps(refresh(obj)).encode()
+    return name
+
+
+# -- over-refusal and judge-error-corrected harm rates ----------------------------------------------
+SECOND_JUDGE = "second-judge"
+
+
+def set_over_refusal(defended: float | None, undefended: float | None) -> Callable[[dict[str, Any]], None]:
+    """An edit giving the defended (and, in a defended run, the undefended) model an over-refusal
+    headline before the attack; None leaves that branch unmeasured."""
+    def edit(obj: dict[str, Any]) -> None:
+        for branch, value in (("defended", defended), ("undefended", undefended)):
+            if branch in obj["results"] and value is not None:
+                add_evaluation(obj, "over-refusal", {"refusal_rate": value}, branch)
+    return edit
+
+
+def corrected_block(rate: float, low: float, high: float) -> dict[str, Any]:
+    """A ``rate_corrected`` block with chosen numbers (aggregation tests check formulas, not stats)."""
+    return {"rate": rate, "rate_ci95": [low, high], "sensitivity": 0.9, "specificity": 0.8,
+            "validation_counts": {"tp": 90, "fn": 10, "tn": 80, "fp": 20}, "method": "test"}
+
+
+def set_corrected(obj: dict[str, Any], judges: dict[str, tuple[float, float, float]], branch: str = "defended",
+                  phase: str = "post_attack") -> None:
+    """Give judges of one harmfulness evaluation a corrected rate (rate, low, high). A judge the run
+    did not have (:data:`SECOND_JUDGE`) is added with the primary judge's raw scores."""
+    entry = obj["results"][branch][phase]["harmfulness"]
+    metrics = entry["metrics"]
+    for judge, (rate, low, high) in judges.items():
+        if judge not in metrics:
+            metrics[judge] = copy.deepcopy(metrics[metrics["primary_judge"]])
+            entry["info"]["judges"][judge] = {"name": judge, "version": "1"}
+        metrics[judge]["rate_corrected"] = corrected_block(rate, low, high)
+
+
+def single_run(tmp_path_factory, *sets: str) -> Path:
+    """One none/lora/seed-1 tiny-llama run with extra settings (a fresh directory per call)."""
+    import torch
+    from rich.console import Console
+
+    from harness.config import build_config
+    from harness.runner import execute
+
+    root = tmp_path_factory.mktemp("single-run")
+    flags = {"model": {"ref": "tiny-llama"}, "defence": {"name": "none"}, "attack": {"name": "lora"}, "seed": 1,
+             "cache_dir": str(root / "cache"), "output_dir": str(root / "runs")}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _, directory = execute(build_config(flags=flags, sets=[*GRID_SETS, *sets]), Console(quiet=True))
+    finally:
+        torch.set_num_threads(threads)
+    return directory / "results.json"
+
+
+def records_of(files: dict[str, bytes], member: str, evaluator: str, branch: str = "defended",
+               phase: str = "post_attack") -> tuple[str, list[dict[str, Any]]]:
+    """(archive name, rows) of one evaluation's records file in an unpacked archive."""
+    obj = json.loads(files[member])
+    name = member.rsplit("/", 1)[0] + "/" + obj["results"][branch][phase][evaluator]["records"]
+    return name, [json.loads(line) for line in files[name].decode().splitlines() if line.strip()]
+
+
+def write_records(files: dict[str, bytes], name: str, rows: list[dict[str, Any]]) -> None:
+    files[name] = "".join(json.dumps(r) + "\n" for r in rows).encode()

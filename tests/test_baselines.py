@@ -121,9 +121,13 @@ def test_defaults_are_the_papers():
     sft, ga, adv = SafetySFTParams(), GradientAscentParams(), AdversarialLossParams()
     sv, vac = SecurityVectorParams(), VaccineParams()
     for p in (sft, ga, adv, vac):  # RepNoise's optimisation settings (PAPER.md §4)
-        assert (p.lr, p.batch_size, p.epochs, p.optimizer, p.max_length, p.pairs) == (2e-5, 8, 1, "adam", 128, "jbb-pairs")
+        assert (p.lr, p.batch_size, p.epochs, p.optimizer, p.max_length, p.pairs) == (
+            2e-5, 8, 1, "adam", 128, "jbb-pairs"
+        )
     assert adv.lambda_ == 0.1 and vac.rho == 1.0 and ga.mask_prompt
-    assert (sv.rank, sv.alpha, sv.dropout, sv.lr, sv.optimizer, sv.epochs, sv.scale) == (8, 32, 0.1, 1e-3, "adam", 1, 4.0)
+    assert (sv.rank, sv.alpha, sv.dropout, sv.lr, sv.optimizer, sv.epochs, sv.scale) == (
+        8, 32, 0.1, 1e-3, "adam", 1, 4.0
+    )
     assert sv.targets == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     assert defences.get("random-init").params_model is NoParams
     assert "during_attack" in defences.get("security-vectors").info
@@ -136,9 +140,9 @@ def test_safety_sft_lowers_the_refusal_ce_on_its_training_pairs(base, data, tmp_
     model = fresh(base)
     before = side_ce(model, data, "harmless")
     out = safety_sft(model, SafetySFTParams(lr=3e-2, epochs=3, **FAST), make_ctx(tmp_path, data))
-    after = side_ce(out, data, "harmless")
-    assert out is model and out.info["safety_sft_training"]["pairs"] == 8
-    assert out.info["safety_sft_training"]["steps"] == 6
+    after = side_ce(out.model, data, "harmless")
+    assert out.model is model and out.report["safety_sft_training"]["pairs"] == 8
+    assert out.report["safety_sft_training"]["steps"] == 6
     assert after < 0.8 * before, (before, after)  # 10.8 -> 6.4
 
 
@@ -146,8 +150,8 @@ def test_gradient_ascent_raises_the_harmful_ce(base, data, tmp_path):
     model = fresh(base)
     before = side_ce(model, data, "harmful")
     out = gradient_ascent(model, GradientAscentParams(lr=3e-2, epochs=2, **FAST), make_ctx(tmp_path, data))
-    after = side_ce(out, data, "harmful")
-    info = out.info["gradient_ascent_training"]
+    after = side_ce(out.model, data, "harmful")
+    info = out.report["gradient_ascent_training"]
     assert info["first_loss"] < 0 and info["last_loss"] < info["first_loss"]  # loss = -CE goes down
     assert after > before + 0.5, (before, after)  # 10.8 -> 12.0
 
@@ -182,11 +186,11 @@ def test_adversarial_loss_recipe_trains_and_records_both_terms(base, data, tmp_p
     model = fresh(base)
     before = snapshot(model.model)
     out = adversarial_loss_defence(model, AdversarialLossParams(lr=1e-3, lambda_=0.5, **FAST), make_ctx(tmp_path, data))
-    history = out.info["adversarial_loss_history"]
+    history = out.report["adversarial_loss_history"]
     assert len(history) == 2
     for step in history:
         assert step["loss"] == pytest.approx(step["harmless_ce"] - 0.5 * step["harmful_ce"], rel=1e-5)
-    assert all(not torch.equal(p, before[n]) for n, p in out.model.named_parameters())
+    assert all(not torch.equal(p, before[n]) for n, p in out.model.model.named_parameters())
 
 
 # --- security vectors -----------------------------------------------------------------------------
@@ -209,7 +213,8 @@ def trained_vector(base, data, tmp_path_factory):
 
 def test_security_vector_is_fitted_to_harmful_data_and_stored_as_safetensors(trained_vector, data):
     model, params, workdir, returned = trained_vector
-    assert returned is None  # weights unchanged: the pipeline aliases the base model
+    assert returned.model is None  # weights unchanged: the pipeline aliases the base model
+    assert returned.report["security_vector_training"]["pairs"] == 8
     assert [p.name for p in workdir.iterdir()] == [VECTOR_FILE]
     raw = (workdir / VECTOR_FILE).read_bytes()
     header = json.loads(raw[8 : 8 + struct.unpack("<Q", raw[:8])[0]])  # the safetensors layout, no pickle
@@ -250,8 +255,8 @@ def test_during_a_full_ft_attack_step_the_vector_is_frozen_and_the_base_trains(t
     weights = snapshot(attacked.model)
     attack = FullFTParams(dataset="beavertails-unsafe", num_samples=4, batch_size=4, max_length=48, lr=1e-3)
     with security_vector_active(attacked.model, tensors, params.scale, params.dropout):
-        full_ft(attacked, attack, make_ctx(tmp_path, data))
-    assert attacked.info["attack_training"]["steps"] == 1
+        out = full_ft(attacked, attack, make_ctx(tmp_path, data))
+    assert out.model is attacked and out.report["attack_training"]["steps"] == 1
     assert all(torch.equal(tensors[k], kept[k]) and tensors[k].grad is None for k in kept)
     moved = [n for n, p in attacked.model.named_parameters() if not torch.equal(p, weights[n])]
     assert len(moved) == len(weights)  # every base weight trained
@@ -308,11 +313,11 @@ def test_vaccine_recipe_records_rho_every_step_and_leaves_no_hooks(base, data, t
     model = fresh(base)
     hooks = hook_count(model.model)
     out = vaccine(model, VaccineParams(rho=10.0, lr=1e-3, **FAST), make_ctx(tmp_path, data))
-    history = out.info["vaccine_history"]
+    history = out.report["vaccine_history"]
     assert len(history) == 2
     assert all(step["perturbation_norm"] == pytest.approx(10.0, rel=1e-4) for step in history)
     assert all(step["loss"] > step["clean_loss"] for step in history)
-    assert hook_count(out.model) == hooks
+    assert hook_count(out.model.model) == hooks
 
 
 # --- random init ----------------------------------------------------------------------------------
@@ -320,7 +325,9 @@ def test_vaccine_recipe_records_rho_every_step_and_leaves_no_hooks(base, data, t
 
 def test_random_init_is_seeded_fresh_weights_of_the_same_architecture(base, data, tmp_path):
     def run(seed: int) -> LoadedModel:
-        return random_init(fresh(base), NoParams(), make_ctx(tmp_path, data, seed=seed))
+        out = random_init(fresh(base), NoParams(), make_ctx(tmp_path, data, seed=seed))
+        assert out.report["random_init"]["seed"] == seed
+        return out.model
 
     config_before = base.model.config.to_dict()
     first, again, other = run(0), run(0), run(1)
@@ -334,7 +341,9 @@ def test_random_init_is_seeded_fresh_weights_of_the_same_architecture(base, data
     # the architecture's own initialisation: normal(0, initializer_range) weights, unit norms
     std = first.model.config.initializer_range
     assert first.model.model.embed_tokens.weight.std().item() == pytest.approx(std, rel=0.02)
-    assert all(torch.equal(p, torch.ones_like(p)) for n, p in first.model.named_parameters() if n.endswith("norm.weight"))
+    assert all(
+        torch.equal(p, torch.ones_like(p)) for n, p in first.model.named_parameters() if n.endswith("norm.weight")
+    )
     assert first.model.lm_head.weight is first.model.model.embed_tokens.weight  # still tied
     assert first.model.config.to_dict() == config_before and first.tokenizer is base.tokenizer
     assert len(first.tokenizer) == first.model.config.vocab_size
@@ -356,7 +365,7 @@ def test_pipeline_keeps_the_vector_active_during_the_attack_only(tiny_run_config
 
     plugin = defences.get("security-vectors")
     seen: dict[str, object] = {}
-    real = plugin.info["during_attack"]
+    real = plugin.hook("during_attack")
 
     class Spy:
         def __init__(self, model, params, artefacts):

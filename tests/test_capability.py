@@ -24,7 +24,6 @@ from harness.context import StageContext
 from harness.errors import ConfigError, DataError
 from harness.models import LoadedModel
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -230,7 +229,8 @@ def test_perplexity_of_uniform_model_is_vocab_size(tmp_path, tiny):
     )
     assert without_prefix.metrics["tokens"] == result.metrics["tokens"] - len(TEXTS)  # first tokens unscored
     assert encode_texts(tokenizer, ["Tetris"], "bos")[0][0] == tokenizer.bos_token_id
-    assert encode_texts(tokenizer, ["Tetris"], "<|endoftext|>")[0][0] == tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    endoftext_id = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    assert encode_texts(tokenizer, ["Tetris"], "<|endoftext|>")[0][0] == endoftext_id
     with pytest.raises(ConfigError, match="not a token"):
         encode_texts(tokenizer, ["Tetris"], "<|no such token|>")
 

@@ -4,10 +4,10 @@ import json
 import subprocess
 import sys
 
+from conftest import TINY_SETS
 from typer.testing import CliRunner
 
 from harness.cli import app
-from conftest import TINY_SETS
 
 runner = CliRunner()
 

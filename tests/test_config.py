@@ -76,8 +76,11 @@ def test_bad_yaml_is_a_clear_error(tmp_path):
 
 def test_attack_preset_sits_above_profile_and_below_user_settings():
     config = build_config(flags={"attack": {"name": "full-ft@cpu-8e-5-128"}})
-    assert (config.attack.name, config.attack.preset, config.attack.label) == ("full-ft", "cpu-8e-5-128", "full-ft@cpu-8e-5-128")
-    assert config.attack.params["lr"] == 8e-5 and config.attack.params["num_samples"] == 128  # preset beats profile's 48
+    assert (config.attack.name, config.attack.preset, config.attack.label) == (
+        "full-ft", "cpu-8e-5-128", "full-ft@cpu-8e-5-128"
+    )
+    # preset beats profile's 48
+    assert config.attack.params["lr"] == 8e-5 and config.attack.params["num_samples"] == 128
     assert config.attack.params["max_length"] == 128  # the profile still fills what the preset leaves
     config = build_config(flags={"attack": {"name": "full-ft@cpu-8e-5-128"}}, sets=["attack.lr=1e-5"])
     assert config.attack.params["lr"] == 1e-5 and config.attack.params["num_samples"] == 128
@@ -87,5 +90,8 @@ def test_attack_preset_sits_above_profile_and_below_user_settings():
 
 
 def test_unknown_preset_lists_the_known_ones():
-    with pytest.raises(ConfigError, match=r"Unknown preset 'paper-6e-5-10' .*Did you mean full-ft@paper-6e-5-10k\?.*Known: paper-3e-5-1k"):
+    with pytest.raises(
+        ConfigError,
+        match=r"Unknown preset 'paper-6e-5-10' .*Did you mean full-ft@paper-6e-5-10k\?.*Known: paper-3e-5-1k",
+    ):
         build_config(flags={"attack": {"name": "full-ft@paper-6e-5-10"}})

@@ -8,7 +8,9 @@ from harness.errors import DataError
 from harness.records import QA, normalise_prompt
 from harness.registry import datasets
 
-TRAINING_SETS = [n for n in ("beavertails-unsafe", "pyrit-harmful-qa", "jbb-harmful-qa", "jbb-pairs", "decodingtrust-pairs")]
+TRAINING_SETS = [
+    n for n in ("beavertails-unsafe", "pyrit-harmful-qa", "jbb-harmful-qa", "jbb-pairs", "decodingtrust-pairs")
+]
 EVAL_SETS = ["advbench", "harmbench", "dangerousqa", "malicious-instruct", "do-not-answer"]
 
 
@@ -138,7 +140,8 @@ def test_category_filters_include_exclude_and_partition_the_set(data_dir):
     assert len(only) + len(rest) == len(whole)
     assert {normalise_prompt(r.prompt) for r in only}.isdisjoint(normalise_prompt(r.prompt) for r in rest)
     fingerprints = {access.fingerprint(ref) for ref in
-                    ("jbb-harmful-qa", "jbb-harmful-qa[Privacy,Malware/Hacking]", "jbb-harmful-qa[^Privacy,Malware/Hacking]")}
+                    ("jbb-harmful-qa", "jbb-harmful-qa[Privacy,Malware/Hacking]",
+                     "jbb-harmful-qa[^Privacy,Malware/Hacking]")}
     assert len(fingerprints) == 3
 
 

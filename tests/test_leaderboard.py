@@ -7,11 +7,11 @@ import json
 import math
 import statistics
 
+import leaderboard_fixtures as lf
 import pytest
 from scipy import stats
 from typer.testing import CliRunner
 
-import leaderboard_fixtures as lf
 from harness.cli import app
 from leaderboard import tables
 from leaderboard.aggregate import ONE_SEED, build_board
@@ -204,3 +204,19 @@ def test_build_refuses_to_replace_a_directory_that_is_not_a_site(board_dir, tmp_
     site = tmp_path / "site"
     for _ in range(2):  # a site built before is replaced
         assert runner.invoke(app, ["leaderboard", "build", str(board_dir), "--out", str(site)]).exit_code == 0
+
+
+def test_fluent_repetitive_answers_warn_but_stay_ranked_and_old_flags_are_rejudged(grid_runs, tmp_path):
+    """A fluent refusal repeated within 50 tokens is a warning, not "safe because broken"; the board
+    judges the measurements by its own rule, so a file written under the old rule (RepNoise's
+    distinct-2 0.39 was then `degenerate: true`) ranks like a new one."""
+    def repetitive(obj):
+        if obj["defence"]["name"] == "repnoise":
+            lf.set_fluency(obj, "repetitive", branch="defended")
+            for phase in ("pre_attack", "post_attack"):  # the old rule's verdict on these measurements
+                obj["results"]["defended"][phase]["harmfulness"]["metrics"]["fluency"]["degenerate"] = True
+
+    rows = by_defence(build_board([lf.controlled_board(grid_runs, tmp_path / "r", HARM, repetitive)]))
+    assert not rows["repnoise"].flags and rows["repnoise"].rank is not None
+    assert any("fluent but repetitive" in note for note in rows["repnoise"].notes)
+    assert not any("fluent but repetitive" in note for note in rows["none"].notes), rows["none"].notes

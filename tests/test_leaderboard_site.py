@@ -16,9 +16,9 @@ import shutil
 import threading
 from pathlib import Path
 
+import leaderboard_fixtures as lf
 import pytest
 
-import leaderboard_fixtures as lf
 from leaderboard.aggregate import build_board
 from leaderboard.site import build_site
 
@@ -44,6 +44,9 @@ def site(tmp_path_factory) -> Path:
             lf.add_evaluation(obj, "capability", {"mean_acc": 0.40}, "undefended")
             judge = obj["results"]["defended"]["post_attack"]["harmfulness"]["info"]["judges"]["refusal-keywords"]
             judge.update(accuracy=0.875, validation={"xstest": {"accuracy": 0.875, "n": 2250}})
+            lf.set_over_refusal(0.12, 0.10)(obj)
+            if obj["attack"]["name"] == "full-ft":  # the worst attack; two judges whose corrected rates disagree
+                lf.set_corrected(obj, {"refusal-keywords": (0.62, 0.55, 0.70), lf.SECOND_JUDGE: (0.20, 0.10, 0.30)})
 
     lf.controlled_board(runs, root, HARM, capability_and_judge)
 
@@ -135,6 +138,10 @@ def test_the_site_in_headless_chromium(driver, served):
     assert [c[1] for c in cells] == ["repnoise", "none", HOSTILE_NAME]  # the flagged row sorts last
     assert [c[0] for c in cells] == ["1", "2", "⚑ flagged"]
     assert cells[0][3].startswith("0.600") and cells[0][4] == "full-ft"
+    assert cells[0][5].startswith("0.620 [0.550, 0.700]")  # corrected harm beside the raw harm
+    assert (cells[0][9], cells[0][10]) == ("0.120", "+0.020")  # over-refusal and its delta
+    assert "≉ judges disagree: full-ft: seed 1, after the attack" in cells[0][15]
+    assert cells[1][5] == "–" and "≉" not in cells[1][15]
     assert len(driver.find_elements(By.CSS_SELECTOR, "svg")) == 2  # harm vs attack; harm vs capability
     assert driver.find_elements(By.TAG_NAME, "script") == []
     assert driver.execute_script("return window.__pwned === undefined")
@@ -154,6 +161,8 @@ def test_the_site_in_headless_chromium(driver, served):
     driver.find_element(By.LINK_TEXT, "repnoise").click()
     body = driver.find_element(By.TAG_NAME, "body").text
     assert "accuracy 0.875 on held-out human labels" in body and "Per attack" in body
+    assert "≉ judges disagree: their corrected harm intervals do not overlap" in body
+    assert "over-refusal 0.120 (+0.020 vs undefended)" in body
     assert "Sample generations" in body and _errors(driver) == []
     _screenshot(driver, "leaderboard-defence.png")
     shutil.rmtree(driver.capabilities.get("chrome", {}).get("userDataDir", "/nonexistent"), ignore_errors=True)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_SETS
 
 from harness.config import build_config
 from harness.pipeline import Pipeline
 from harness.runner import execute
-from conftest import TINY_SETS
 
 
 def make_config(root: Path, *sets: str, attack: str = "lora"):
@@ -47,7 +47,7 @@ def test_first_run_computes_everything_and_writes_results(first_run):
         assert field in on_disk
     harm = on_disk["results"]["defended"]["post_attack"]["harmfulness"]
     assert harm["metrics"]["refusal-keywords"]["n"] == 4
-    records = [json.loads(l) for l in (directory / harm["records"]).read_text().splitlines()]
+    records = [json.loads(line) for line in (directory / harm["records"]).read_text().splitlines()]
     assert len(records) == 4 and {"prompt", "response", "scores"} <= set(records[0])
     assert on_disk["data"]["fingerprints"].keys() >= {"advbench", "beavertails-unsafe"}
 

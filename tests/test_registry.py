@@ -94,3 +94,49 @@ def test_broken_entry_point_does_not_break_the_registry(tmp_path, monkeypatch, c
     attacks.reload_entry_points()
     assert "full-ft" in attacks.names()
     assert any("broken" in r.getMessage() for r in caplog.records)
+
+
+def test_a_misspelt_hook_is_refused_at_registration_naming_plugin_and_keyword():
+    """`during_atack=` used to be kept as an unread extra, silently switching the hook off."""
+    from harness.errors import HarnessError
+
+    registry = Registry("defences")
+    with pytest.raises(HarnessError, match=r"'shield' registers with unknown keyword 'during_atack'\. "
+                                           r"Did you mean 'during_attack'\?"):
+        registry.register("shield", during_atack=lambda model, params, artefacts: None)
+    assert "shield" not in registry._plugins
+
+
+def test_a_hook_of_the_wrong_type_is_refused():
+    from harness.errors import HarnessError
+
+    with pytest.raises(HarnessError, match=r"attacks plugin 'x': threat_model= must be a non-empty string"):
+        Registry("attacks").register("x", threat_model=3)
+    with pytest.raises(HarnessError, match=r"data_files= must be a function"):
+        Registry("evaluators").register("x", data_files=["a.json"])
+    with pytest.raises(HarnessError, match=r"'headline'"):  # a hook of another kind
+        Registry("defences").register("x", headline="acc")
+
+
+def test_hooks_are_read_by_declared_name_only():
+    registry = Registry("attacks")
+
+    @registry.register("x", threat_model="open-weight")
+    def x(model, params, ctx):
+        return model
+
+    plugin = registry._plugins["x"]
+    assert plugin.hook("threat_model") == "open-weight"
+    assert plugin.hook("depends_on") is None
+    with pytest.raises(KeyError, match="'threatmodel' is not a hook of attacks"):
+        plugin.hook("threatmodel")
+
+
+def test_every_builtin_plugin_uses_declared_hooks_only():
+    from harness.registry import HOOKS, REGISTRIES, load_all
+
+    load_all()
+    for registry in REGISTRIES.values():
+        for plugin in registry.plugins():
+            assert set(plugin.info) <= set(HOOKS[registry.kind]), (registry.kind, plugin.name)
+    assert defences.get("security-vectors").hook("during_attack") is not None

@@ -58,7 +58,10 @@ def pair_batch(seed: int = 0) -> dict[str, torch.Tensor]:
     examples = []
     for prompt_len, harmful_len, harmless_len in ((4, 6, 3), (5, 2, 5), (3, 4, 4)):
         prompt = tokens(prompt_len)
-        examples.append({"harmful": prompt + tokens(harmful_len) + [EOS], "harmless": prompt + tokens(harmless_len) + [EOS]})
+        examples.append({
+            "harmful": prompt + tokens(harmful_len) + [EOS],
+            "harmless": prompt + tokens(harmless_len) + [EOS],
+        })
     return collate_pairs(examples, pad_id=EOS)
 
 
@@ -169,7 +172,9 @@ def test_each_ablation_flag_removes_exactly_its_term():
         logits = model(batch["harmful_input_ids"], attention_mask=batch["harmful_attention_mask"]).logits
     final_only, tf = run(layerwise_ascent=False)
     assert tf["G"].item() == pytest.approx(
-        ref_masked_ce(logits, batch["harmful_input_ids"], batch["harmful_input_ids"] != batch["harmless_input_ids"]).item() + 1,
+        ref_masked_ce(
+            logits, batch["harmful_input_ids"], batch["harmful_input_ids"] != batch["harmless_input_ids"]
+        ).item() + 1,
         rel=1e-10,
     )
     assert (tf["S"], tf["N"]) == (t["S"], t["N"])
@@ -310,10 +315,10 @@ def test_training_records_every_term_and_lowers_the_objective(tmp_path):
     params = RepNoiseParams(lr=1e-2, batch_size=4, epochs=6, num_pairs=8, warmup_ratio=0.0, schedule="constant")
     out = repnoise(loaded(model), params, ctx)
     assert ctx.data.requests == [("jbb-pairs", 8)]
-    history = out.info["repnoise_history"]
+    history = out.report["repnoise_history"]
     assert len(history) == 12 and all({"loss", "S", "N", "G", "log_G"} <= set(h) for h in history)
     assert history[-1]["loss"] < history[0]["loss"]
-    assert out.info["repnoise_training"]["pairs"] == 8
+    assert out.report["repnoise_training"]["pairs"] == 8
     assert ctx.stats["train_steps"] == 12
 
 
@@ -323,7 +328,7 @@ def test_frozen_layers_do_not_move_and_others_do(tmp_path):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     params = RepNoiseParams(lr=1e-2, batch_size=4, num_pairs=8, freeze_layers="0-0")
     out = repnoise(loaded(model), params, make_ctx(tmp_path))
-    assert out.info["repnoise_training"]["frozen_layers"] == [0]
+    assert out.report["repnoise_training"]["frozen_layers"] == [0]
     for name, p in model.named_parameters():
         moved = not torch.equal(p, before[name])
         assert moved == (not name.startswith("model.layers.0.")), name
@@ -380,4 +385,4 @@ def test_real_tokenizer_and_chat_template_mask_starts_right_after_the_prompt(tmp
     ctx = make_ctx(tmp_path, pairs=[pair] * 2)
     ctx.prompt_format = "chat"
     out = repnoise(LoadedModel(model, tokenizer, "tiny-llama", "x"), RepNoiseParams(batch_size=2), ctx)
-    assert len(out.info["repnoise_history"]) == 1
+    assert len(out.report["repnoise_history"]) == 1

@@ -5,11 +5,18 @@ import copy
 import json
 from importlib import resources
 
+import leaderboard_fixtures as lf
 import pytest
 
-import leaderboard_fixtures as lf
-from harness.results_schema import (SCHEMA_VERSION, ResultsSchemaError, ResultsVersionError, load_results,
-                                    migrate, schema, validate_results)
+from harness.results_schema import (
+    SCHEMA_VERSION,
+    ResultsSchemaError,
+    ResultsVersionError,
+    load_results,
+    migrate,
+    schema,
+    validate_results,
+)
 
 
 @pytest.fixture(scope="session")

@@ -1,20 +1,18 @@
 """Submissions: `harness submit` packages real runs; `harness leaderboard add` accepts a good one once
 and rejects broken or malicious ones with a clear message; `verify` re-runs a cell and compares."""
 
-import io
 import json
 import pickle
-import tarfile
 
+import leaderboard_fixtures as lf
 import pytest
 from typer.testing import CliRunner
 
-import leaderboard_fixtures as lf
 from harness.cli import app
 from leaderboard.aggregate import build_board
 from leaderboard.archive import SubmissionError
 from leaderboard.intake import add, open_submission
-from leaderboard.package import MANIFEST, package, sha256, submission_id
+from leaderboard.package import MANIFEST, package, sha256
 
 runner = CliRunner()
 
@@ -34,39 +32,11 @@ def good(grid_runs, tmp_path_factory):
     return path
 
 
-def unpack(path) -> dict[str, bytes]:
-    with tarfile.open(path, "r:gz") as tar:
-        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
-
-
-def repack(path, files: dict[str, bytes], fix_manifest: bool = True, links: dict[str, str] | None = None):
-    """Write an archive by hand (no safety checks: this is the attacker's side)."""
-    files = dict(files)
-    if fix_manifest:
-        manifest = json.loads(files[MANIFEST])
-        manifest["files"] = {n: sha256(d) for n, d in files.items() if n != MANIFEST}
-        manifest["id"] = submission_id(manifest["files"])
-        files[MANIFEST] = json.dumps(manifest).encode()
-    with tarfile.open(path, "w:gz") as tar:
-        for name, data in files.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-        for name, target in (links or {}).items():
-            info = tarfile.TarInfo(name)
-            info.type, info.linkname = tarfile.SYMTYPE, target
-            tar.addfile(info)
-    return path
+unpack, repack = lf.unpack, lf.repack
 
 
 def edit_results(files: dict[str, bytes], mutate, refresh: bool = True) -> str:
-    name = next(n for n in sorted(files) if "__repnoise__lora__seed1__" in n and n.endswith("/results.json"))
-    obj = json.loads(files[name])
-    mutate(obj)
-    if refresh:
-        lf.refresh(obj)
-    files[name] = json.dumps(obj).encode()
-    return name
+    return lf.edit_results(files, mutate, refresh)
 
 
 def test_submit_packages_results_configs_generations_and_plugin_reference(good, grid_runs, tmp_path):
@@ -202,11 +172,9 @@ def test_verify_reruns_a_submitted_cell_and_passes_exactly_on_cpu(single, tmp_pa
 
 def test_verify_fails_when_the_submitted_numbers_were_changed(single, tmp_path):
     files = unpack(single)
-    name = next(n for n in files if n.endswith("/results.json"))
-    obj = json.loads(files[name])
-    lf.set_harm(obj, 0.25)
-    files[name] = json.dumps(lf.refresh(obj)).encode()
+    lf.forge_scores(files, 0.25, match="__none__lora__seed1__")  # records and metrics agree: intake accepts it
     forged = repack(tmp_path / "forged.tar.gz", files)
+    assert open_submission(forged)
     result = runner.invoke(app, ["leaderboard", "verify", str(forged), "--cache-dir", str(tmp_path / "cache"),
                                  "--output-dir", str(tmp_path / "runs")])
     assert result.exit_code == 1, result.output
@@ -222,10 +190,7 @@ def test_verify_names_the_cells_when_the_index_is_wrong(single):
 
 def test_verify_says_which_package_to_install_for_an_unknown_defence(single, tmp_path):
     files = unpack(single)
-    name = next(n for n in files if n.endswith("/results.json"))
-    obj = json.loads(files[name])
-    lf.rename_defence(obj, "shield")
-    files[name] = json.dumps(lf.refresh(obj)).encode()
+    lf.edit_results(files, lambda o: lf.rename_defence(o, "shield"), match="__none__lora__seed1__")
     manifest = json.loads(files[MANIFEST])
     manifest["defences"] = [{"name": "shield", "module": "my_shield.shield", "entry_point": "shield = my_shield.shield",
                              "distribution": {"name": "my-shield", "version": "0.1.0"}}]

@@ -10,9 +10,9 @@ import yaml
 from rich.console import Console
 
 from harness.errors import ConfigError, HarnessError
+from harness.stats import t_interval
 from harness.store import StageStore
 from harness.sweep import expand, load_sweep, run_sweep
-from harness.stats import t_interval
 
 TINY_BASE = {
     "model": {"ref": "tiny-llama"},
@@ -148,7 +148,10 @@ def test_ray_executor_gives_the_same_results_as_local(local_sweep, tmp_path):
     local = {(c["defence"], c["attack"], c["seed"]): _post_harm(c["run_dir"]) for c in _cells(local_dir)}
     remote = {(c["defence"], c["attack"], c["seed"]): _post_harm(c["run_dir"]) for c in _cells(ray_dir)}
     assert remote == local
-    responses = lambda d: sorted(p.read_text() for p in Path(d).parent.parent.glob("*/records/*harmfulness.jsonl"))
+
+    def responses(d):
+        return sorted(p.read_text() for p in Path(d).parent.parent.glob("*/records/*harmfulness.jsonl"))
+
     assert responses(ray_dir) == responses(local_dir)
 
 

@@ -21,7 +21,6 @@ from harness.context import StageContext
 from harness.models import LoadedModel
 from harness.tokenization import IGNORE_INDEX
 
-
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
@@ -72,7 +71,9 @@ def test_training_text_format_and_loss_mask(tiny):
     assert text == "Description: Halo is fun.\nMeaning Representation: inform(name[Halo])" + tokenizer.eos_token
     assert full["labels"] == full["input_ids"]
     target_only = encode_example(tokenizer, item, "Description:", "Meaning Representation:", 256, "target")
-    prompt_len = len(tokenizer("Description: Halo is fun.\nMeaning Representation:", add_special_tokens=False)["input_ids"])
+    prompt_len = len(
+        tokenizer("Description: Halo is fun.\nMeaning Representation:", add_special_tokens=False)["input_ids"]
+    )
     assert target_only["labels"][:prompt_len] == [IGNORE_INDEX] * prompt_len
     assert target_only["labels"][prompt_len:] == full["input_ids"][prompt_len:]
 
@@ -147,7 +148,9 @@ def test_trainability_of_lora_model_trains_a_merged_copy(tmp_path):
     weights = {k: v.clone() for k, v in lora.state_dict().items()}
     params = TrainabilityParams(lr=1e-3, epochs=2, batch_size=3, max_new_tokens=4)
 
-    result = trainability(LoadedModel(lora, tokenizer, ref="lora", fingerprint="t"), params, make_ctx(tmp_path, data_dir))
+    result = trainability(
+        LoadedModel(lora, tokenizer, ref="lora", fingerprint="t"), params, make_ctx(tmp_path, data_dir)
+    )
 
     assert result.info["train"]["steps"] == 4 and result.info["train"]["tokens"] > 0
     assert all(torch.equal(weights[k], v) for k, v in lora.state_dict().items())

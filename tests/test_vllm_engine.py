@@ -49,7 +49,10 @@ def vllm_python() -> str | None:
 def engine_setup(tmp_path_factory):
     python = vllm_python()
     if python is None:
-        pytest.skip("no vLLM here: `make vllm-cpu` builds one for the CPU (then HARNESS_VLLM_PYTHON=.venv-vllm/bin/python)")
+        pytest.skip(
+            "no vLLM here: `make vllm-cpu` builds one for the CPU "
+            "(then HARNESS_VLLM_PYTHON=.venv-vllm/bin/python)"
+        )
     work = tmp_path_factory.mktemp("vllm")
     loaded = load_model(EMBEDDED_MODEL, device="cpu", dtype="float32")
     # dtype "auto" as in a run: the engine must compute in the dtype the HF model was loaded in (float32)

@@ -12,4 +12,4 @@
 Importing this package registers the judges.
 """
 
-from evaluators.judges import hf_classifier, llm_judge, minilm_harm, refusal_keywords  # noqa: F401
+from evaluators.judges import hf_classifier, llm_judge, minilm_harm, refusal_keywords, standard  # noqa: F401

@@ -23,12 +23,19 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator
 
-from harness.context import StageContext
-from harness.errors import HarnessError
-from harness.judging import score_answered, template_fields
-from harness.hashing import stable_hash
-from harness.models import EMBEDDED_MODEL, LoadedModel, load_model, model_fingerprint
-from harness.registry import Params, judges
+from harness.api import (
+    EMBEDDED_MODEL,
+    HarnessError,
+    LoadedModel,
+    Params,
+    StageContext,
+    judges,
+    load_model,
+    model_fingerprint,
+    score_answered,
+    stable_hash,
+    template_fields,
+)
 
 NAME = "llm-judge"
 CODE_VERSION = "llm-judge/1"

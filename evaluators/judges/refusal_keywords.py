@@ -10,8 +10,7 @@ from typing import Any
 
 from pydantic import Field
 
-from harness.context import StageContext
-from harness.registry import Params, judges
+from harness.api import Params, StageContext, judges
 
 # Refusal openings and phrases used across the jailbreak literature (GCG / AdvBench style lists).
 DEFAULT_REFUSAL_MARKERS = (

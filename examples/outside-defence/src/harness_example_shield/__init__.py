@@ -1,0 +1,1 @@
+"""An example defence shipped outside the harness repository (see README.md beside pyproject.toml)."""
