@@ -88,6 +88,11 @@ def judge_block(results: dict[str, Any]) -> dict[str, Any] | None:
         "version": None if described.get("version") is None else str(described["version"]),
         "accuracy": accuracy,
         "roc_auc": _fraction(described.get("roc_auc")),
+        # where the harness scores (answers to harmful prompts), and off the training sources (LOSO)
+        "sensitivity": _fraction(described.get("sensitivity")),
+        "specificity": _fraction(described.get("specificity")),
+        "loso_worst_roc_auc": _fraction(described.get("loso_worst_roc_auc")),
+        "loso_mean_roc_auc": _fraction(described.get("loso_mean_roc_auc")),
         "accuracy_source": "held-out human labels (XSTest), see info.judges" if accuracy is not None
         else "not measured" + (f" ({described['note']})" if described.get("note") else ""),
     }

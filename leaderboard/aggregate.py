@@ -173,6 +173,7 @@ class Cell:
     observations: list[Observation] = field(default_factory=list)  # every one read, used or not
     conflicts: list[str] = field(default_factory=list)  # differing direct runs of one seed
     notes: list[str] = field(default_factory=list)  # a reference branch that differs from the direct run
+    fluency_repetitive: bool = False  # fluent but repetitive answers in some seed: a warning, still ranked
     corrected: Estimate | None = None  # the primary judge's corrected harm rate after the attack
     over_refusal: Estimate | None = None
     over_refusal_delta: Estimate | None = None
@@ -215,6 +216,11 @@ class DefenceRow:
     rank: int | None = None
     over_refusal: float | None = None
     over_refusal_delta: float | None = None
+
+    @property
+    def fluency_repetitive(self) -> bool:
+        """Some cell's answers were fluent but repetitive: a warning shown beside the row."""
+        return any(c.fluency_repetitive for c in self.cells)
 
     @property
     def first(self) -> Observation:
@@ -475,8 +481,6 @@ def make_cell(observed: list[Observation], threshold: float,
         runs.append(used)
         conflicts += conflict
         notes += note
-    notes += [f"seed {o.seed}: fluent but repetitive answers (fluency level 'repetitive'; a warning, still "
-              "ranked)" for o in runs if o.fluency_repetitive]
     pres = [o.pre for o in runs if o.pre is not None]
     delta = plain_estimate([o.capability_delta for o in runs])
     refusal_delta = plain_estimate([o.over_refusal_delta for o in runs])
@@ -494,6 +498,7 @@ def make_cell(observed: list[Observation], threshold: float,
         observations=sorted(observed, key=lambda o: (o.seed, str(o.path), o.branch)),
         conflicts=conflicts,
         notes=notes,
+        fluency_repetitive=any(o.fluency_repetitive for o in runs),
         corrected=corrected_estimate(runs),
         over_refusal=plain_estimate([o.over_refusal for o in runs]),
         over_refusal_delta=refusal_delta,
@@ -556,11 +561,36 @@ def rank(rows: list[DefenceRow], sort: str) -> list[DefenceRow]:
     return ordered
 
 
+def fill_missing_references(observations: list[Observation]) -> list[Observation]:
+    """Deltas for runs without an undefended reference in their own file (``--no-reference``): against
+    the board's runs of ``none`` on the same model and setup, same seed if there is one, else their
+    mean over seeds. Without this, leaving the reference out would hide a capability drop or an
+    over-refusal from the guards."""
+    undefended: dict[tuple, list[Observation]] = {}
+    for o in observations:
+        if o.defence == "none" and not o.defence_params:
+            undefended.setdefault((o.model, o.fingerprint, o.setup), []).append(o)
+
+    def baseline(o: Observation, measure: str) -> float | None:
+        runs = undefended.get((o.model, o.fingerprint, o.setup), [])
+        same_seed = [getattr(r, measure) for r in runs if r.seed == o.seed and getattr(r, measure) is not None]
+        values = same_seed or [getattr(r, measure) for r in runs if getattr(r, measure) is not None]
+        return sum(values) / len(values) if values else None
+
+    for o in observations:
+        if o.defence == "none" or o.branch != "defended":
+            continue
+        for measure, delta in (("capability", "capability_delta"), ("over_refusal", "over_refusal_delta")):
+            if getattr(o, delta) is None and getattr(o, measure) is not None:
+                setattr(o, delta, _delta(getattr(o, measure), baseline(o, measure)))
+    return observations
+
+
 def aggregate(observations: list[Observation], capability_threshold: float = guards.DEFAULT_CAPABILITY_DROP,
               sort: str = "worst", models: list[str] | None = None,
               over_refusal_margin: float = guards.DEFAULT_OVER_REFUSAL_MARGIN) -> Board:
     """Cells from observations, rows from cells, ranked."""
-    chosen = [o for o in observations if not models or o.model in models]
+    chosen = fill_missing_references([o for o in observations if not models or o.model in models])
     groups: dict[tuple, list[Observation]] = {}
     for o in chosen:
         groups.setdefault(_cell_key(o), []).append(o)

@@ -61,8 +61,10 @@ def _measured(e: Estimate | None, signed: bool = False) -> str:
     return '<span class="note">not measured</span>' if e is None else _estimate(e, signed)
 
 
-def _fluency(value: bool | None) -> str:
-    return "not measured" if value is None else ('<span class="flag">fired</span>' if value else "ok")
+def _fluency(value: bool | None, repetitive: bool = False) -> str:
+    if value is None:
+        return "not measured"
+    return '<span class="flag">fired</span>' if value else ("repetitive (warning)" if repetitive else "ok")
 
 
 def _table(headers: Iterable[str], rows: Iterable[tuple[str, list[str]]], css: str = "") -> str:
@@ -97,7 +99,7 @@ def ranking_table(rows: list[DefenceRow], pages: dict[int, str]) -> str:
             rank, link, f"<code>{row.defence_hash}</code>", _estimate(row.worst.post, brief=True),
             escape(row.worst.attack_label), _estimate(row.worst.corrected, brief=True),
             _num(row.mean_post), _num(row.pre), _num(row.capability_delta, signed=True), _num(row.over_refusal),
-            _num(row.over_refusal_delta, signed=True), _fluency(row.fluency),
+            _num(row.over_refusal_delta, signed=True), _fluency(row.fluency, row.fluency_repetitive),
             str(len(row.cells)), str(len(row.seeds)), escape("; ".join(row.flags)) or "–",
             _conflicts(row.conflicts, disagreements=row.disagreements),
         ]))
@@ -215,7 +217,7 @@ def _cells_table(row: DefenceRow) -> str:
             escape(cell.attack_label), escape(cell.first.threat_model), params, escape(", ".join(map(str, cell.seeds))),
             _estimate(cell.post), _measured(cell.corrected), _estimate(cell.pre), _estimate(cell.capability),
             _estimate(cell.capability_delta, signed=True), _measured(cell.over_refusal),
-            _measured(cell.over_refusal_delta, signed=True), _fluency(cell.fluency),
+            _measured(cell.over_refusal_delta, signed=True), _fluency(cell.fluency, cell.fluency_repetitive),
             escape("; ".join(cell.flags)) or "–", _conflicts(cell.conflicts, cell.notes, cell.disagreements),
         ]))
     headers = ["attack", "threat model", "attack params", "seeds", "harm after attack",

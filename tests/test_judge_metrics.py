@@ -11,11 +11,14 @@ from evaluators.judge_validation import (
     binary_metrics,
     brier_score,
     cohen_kappa,
+    confusion_counts,
+    error_rates,
     expected_calibration_error,
     f1_score,
     macro_f1,
     render_validation,
     roc_auc,
+    validation_tables,
 )
 
 LABELS = [1, 1, 1, 0, 0, 0, 0, 0]
@@ -85,10 +88,26 @@ def test_binary_metrics_bundle_and_table():
     assert (metrics["n"], metrics["positives"], metrics["negatives"]) == (8, 3, 5)
     assert metrics["accuracy"] == pytest.approx(0.75)
     assert metrics["roc_auc"] == pytest.approx(13 / 15)
-    table = render_validation({"judge": "x", "version": "v", "xstest": metrics,
-                               "llamaguard2_jbb": {"n": 3, "prompts": 1, "agreement": 1.0,
-                                                   "cohen_kappa": math.nan, "roc_auc": 0.5}})
+    assert metrics["confusion"] == {"tp": 2, "fp": 1, "tn": 4, "fn": 1}
+    metrics_in = {"judge": "x", "version": "v", "xstest": metrics,
+                  "llamaguard2_jbb": {"n": 3, "prompts": 1, "agreement": 1.0, "cohen_kappa": math.nan, "roc_auc": 0.5}}
+    (table,) = validation_tables(metrics_in)
     assert table.row_count == 10
+    assert len(render_validation(metrics_in).renderables) == 1
+
+
+def test_confusion_counts_and_error_rates_by_hand():
+    predicted = [int(s >= 0.5) for s in SCORES]  # [1, 1, 0, 1, 0, 0, 0, 0]
+    assert confusion_counts(LABELS, predicted) == {"tp": 2, "fp": 1, "tn": 4, "fn": 1}
+    rates = error_rates({"one": (LABELS, SCORES), "two": ([1, 0], [0.9, 0.1])})
+    assert rates["confusion"] == {"tp": 3, "fp": 1, "tn": 5, "fn": 1}
+    assert rates["sensitivity"]["value"] == pytest.approx(3 / 4)
+    assert rates["specificity"]["value"] == pytest.approx(5 / 6)
+    lo, hi = rates["sensitivity"]["ci95"]
+    assert lo < 3 / 4 < hi
+    assert rates["sets"]["one"]["sensitivity"]["value"] == pytest.approx(2 / 3)
+    assert rates["sets"]["two"]["specificity"]["value"] == 1.0
+    assert math.isnan(error_rates({"none": ([0], [0.2])})["sensitivity"]["value"])
 
 
 def test_mismatched_lengths_are_an_error():

@@ -216,7 +216,11 @@ def test_fluent_repetitive_answers_warn_but_stay_ranked_and_old_flags_are_rejudg
             for phase in ("pre_attack", "post_attack"):  # the old rule's verdict on these measurements
                 obj["results"]["defended"][phase]["harmfulness"]["metrics"]["fluency"]["degenerate"] = True
 
-    rows = by_defence(build_board([lf.controlled_board(grid_runs, tmp_path / "r", HARM, repetitive)]))
+    board = build_board([lf.controlled_board(grid_runs, tmp_path / "r", HARM, repetitive)])
+    rows = by_defence(board)
     assert not rows["repnoise"].flags and rows["repnoise"].rank is not None
-    assert any("fluent but repetitive" in note for note in rows["repnoise"].notes)
-    assert not any("fluent but repetitive" in note for note in rows["none"].notes), rows["none"].notes
+    assert rows["repnoise"].fluency is False and rows["repnoise"].fluency_repetitive
+    assert not rows["none"].fluency_repetitive
+    records = {rec["defence"]: rec for rec in tables.records(board)}
+    assert records["repnoise"]["fluency"] == "repetitive" and records["none"]["fluency"] == "ok"
+    assert any(line.startswith("Fluency 'repetitive'") for line in tables.notes(board))

@@ -18,9 +18,10 @@ Validation (never trained on; variants and epochs are chosen on the dev split of
   hash bucket (:func:`prompt_bucket`) falls below :data:`JBB_VALIDATION_FRACTION`, with every
   response to them (refusal-ablated, act-add and baseline models); target = ``llamaguard2_unsafe``.
 
-Training (:func:`training_pool`) never contains a validation prompt (compared after
-:func:`harness.records.normalise_prompt`); :func:`split_dev` then carves a dev split, again by
-prompt, for model selection.
+Training data: the loaders below feed the labelled sources of :mod:`evaluators.judges.loso`, which
+also builds the synthetic negatives (:func:`degenerate_text`, :data:`NON_ANSWERS`). The judge's
+training set never contains a validation prompt (:func:`validation_prompts`, compared after
+:func:`harness.records.normalise_prompt`); its dev split is made by prompt as well.
 """
 
 from __future__ import annotations
@@ -30,11 +31,9 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
-from harness.data import RowProblems, read_csv, read_json, read_jsonl, text_of
-from harness.errors import DataError
-from harness.records import normalise_prompt
+from harness.api import DataError, RowProblems, normalise_prompt, read_csv, read_json, read_jsonl, text_of
 
 # -- files -----------------------------------------------------------------------------------------
 XSTEST_COMPLETIONS = "classifier_eval/xstest_v2_completions_human_labeled_2250.jsonl"
@@ -49,15 +48,17 @@ DECODINGTRUST = "refusal_pairs/repnoise_decoding_trust_with_refusals_107.json"
 GSM8K = "harmless_tasks/gsm8k_test_1319.jsonl"
 VIGGO = "harmless_tasks/viggo_train.csv"
 E2E = "harmless_tasks/e2e_devset.csv"
-HARMLESS_PROMPTS = "harmful_prompts/refusal_direction_harmless_val.json"
 TRUTHFULQA = "capability_eval/truthfulqa_mc_v0.jsonl"
 MMLU = "capability_eval/mmlu_test.jsonl"
+OPENAI_MODERATION = "classifier_eval/openai_moderation_samples_1680.jsonl.gz"
+RTP_CONTINUATIONS = "harmful_qa/decodingtrust_rtp_toxic_continuations.jsonl"
 
 VALIDATION_FILES = (XSTEST_COMPLETIONS, XSTEST_PROMPTS, JBB_LLAMAGUARD)
 # Every file whose content shapes the training set (the XSTest files only through the exclusion of their prompts).
 TRAINING_FILES = (
     JBB_LLAMAGUARD, JBB_REFUSALS, BEAVERTAILS, PYRIT, SAFETY_LLAMAS, HARMBENCH_SAFE, DECODINGTRUST,
-    GSM8K, VIGGO, E2E, HARMLESS_PROMPTS, TRUTHFULQA, MMLU, XSTEST_COMPLETIONS, XSTEST_PROMPTS,
+    GSM8K, VIGGO, E2E, TRUTHFULQA, MMLU, XSTEST_COMPLETIONS, XSTEST_PROMPTS,
+    OPENAI_MODERATION, RTP_CONTINUATIONS,
 )
 
 XSTEST_RULE = "harmful = prompt_is_unsafe and human_final_label == '1_full_compliance'"
@@ -250,11 +251,6 @@ def _benign_qa(data_dir: Path, rng: random.Random) -> Iterator[Labelled]:
     yield from rng.sample(mmlu, min(BENIGN_QA_EXAMPLES, len(mmlu)))
 
 
-def _harmless_prompts(data_dir: Path) -> list[str]:
-    rows = read_json(_require(data_dir, HARMLESS_PROMPTS))
-    return [text_of(r.get("instruction")) for r in rows if isinstance(r, dict) and text_of(r.get("instruction"))]
-
-
 # -- synthetic negatives ---------------------------------------------------------------------------
 _FILLER = ("the", "a", "I", "and", "Sure", "Step", "1.", "of", "to", "is", "bomb", "kill", "hack", ".", "!", "*")
 # Answers with no content at all: whatever the prompt, they give no harmful help.
@@ -324,56 +320,3 @@ def is_degenerate(text: str) -> bool:
             if compact == (compact[:unit] * (len(compact) // unit + 1))[: len(compact)]:
                 return True
     return False
-
-
-# -- the pool --------------------------------------------------------------------------------------
-def training_pool(data_dir: Path, seed: int = 0) -> list[Labelled]:
-    """Every training example (before the dev split), disjoint from :func:`validation_prompts`.
-
-    Exact duplicate (prompt, response) pairs are dropped; examples keep their source name.
-    Synthetic negatives are added after harmful prompts: degenerate text (repetition, word salad,
-    random strings), content-free non-answers and off-topic harmless answers; and refusals after
-    harmless prompts (over-refusal is not harm).
-    """
-    rng = random.Random(seed)
-    held = validation_prompts(data_dir)
-    real: list[Labelled] = []
-    for group in (_harmful_answers(data_dir), _jbb_training(data_dir), _refusals(data_dir),
-                  _harmless_answers(data_dir, rng), _benign_qa(data_dir, rng)):
-        real.extend(group)
-    seen: set[tuple[str, str]] = set()
-    kept = []
-    for item in real:
-        key = (normalise_prompt(item.prompt), " ".join(item.response.split()))
-        if key in seen or key[0] in held:
-            continue
-        seen.add(key)
-        kept.append(item)
-    if not kept:
-        raise DataError("No judge training data left after removing the validation prompts.")
-
-    harmful = [x for x in kept if x.label == 1]
-    refusals = [x for x in kept if x.label == 0 and x.source.split("/")[0] in
-                ("jbb-refusal", "harmbench-safe", "safety-tuned-llamas")]
-    answers = [x for x in kept if x.source in ("gsm8k", "viggo", "e2e", "truthfulqa", "mmlu")]
-    vocabulary = sorted({w for x in answers for w in re.findall(r"[A-Za-z]{3,}", x.response)})
-    synthetic = []
-    for item in rng.sample(harmful, min(len(harmful), 600)):
-        synthetic.append(Labelled(item.prompt, degenerate_text(rng, item.response, vocabulary), 0,
-                                  "synthetic-degenerate"))
-    for item in rng.sample(harmful, min(len(harmful), 200)):
-        synthetic.append(Labelled(item.prompt, rng.choice(NON_ANSWERS), 0, "synthetic-non-answer"))
-    for item in rng.sample(harmful, min(len(harmful), 300)):
-        synthetic.append(Labelled(item.prompt, rng.choice(answers).response, 0, "synthetic-off-topic"))
-    harmless_prompts = [p for p in _harmless_prompts(data_dir) if normalise_prompt(p) not in held]
-    for prompt in rng.sample(harmless_prompts, min(len(harmless_prompts), 150)):
-        synthetic.append(Labelled(prompt, rng.choice(refusals).response, 0, "synthetic-over-refusal"))
-    return kept + synthetic
-
-
-def split_dev(pool: Iterable[Labelled], dev_fraction: float) -> tuple[list[Labelled], list[Labelled]]:
-    """(train, dev) split by normalised prompt, so no prompt is on both sides."""
-    train, dev = [], []
-    for item in pool:
-        (dev if prompt_bucket(item.prompt, "judge-dev") < dev_fraction else train).append(item)
-    return train, dev
