@@ -112,7 +112,8 @@ def scoring_identity(params: HarmfulnessParams) -> dict[str, Any]:
     return {"judges": judge_identity(params), "backend": {"name": backend, "version": backends.get(backend).version}}
 
 
-@evaluators.register("harmfulness", params=HarmfulnessParams, depends_on=scoring_identity,
+# Version 2: the fluency block's rule has three levels and the judges' corrected rates are reported.
+@evaluators.register("harmfulness", params=HarmfulnessParams, version="2", depends_on=scoring_identity,
                      data_files=judge_data_files,
                      profiles={"cpu": {"num_prompts": 50, "generation": {"max_new_tokens": 50, "batch_size": 25}},
                                "paper": {"num_prompts": 300, "generation": {"max_new_tokens": 50, "batch_size": 64}}},

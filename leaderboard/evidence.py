@@ -37,6 +37,7 @@ SCORE_FIELDS = ("mean", "mean_ci95", "rate", "rate_ci95", "n")
 CORRECTED_FIELDS = ("validation_counts", "rate", "rate_ci95", "sensitivity", "specificity", "method")
 REFUSAL_FIELDS = ("rate", "rate_ci95", "rate_ci_method", "refused", "n")
 COUNTS = ("tp", "fn", "tn", "fp")
+RULE_FIELDS = ("markers", "window", "sources")  # over-refusal params that define what is counted
 
 
 def read_jsonl(name: str, data: bytes) -> list[dict[str, Any]]:
@@ -238,11 +239,18 @@ def refusal_params(where: str, field: str, params: Any) -> Any:
     from evaluators.over_refusal import OverRefusalParams
 
     try:
-        return OverRefusalParams.model_validate(params)
+        parsed = OverRefusalParams.model_validate(params)
     except ValidationError as exc:
         first = exc.errors()[0]
         raise SubmissionError(f"{where}: {field}: not valid over-refusal params "
                               f"({'.'.join(map(str, first['loc']))}: {first['msg']}).") from None
+    for rule in RULE_FIELDS:  # one rule for every defence on the board, or a weak marker list would win
+        default = OverRefusalParams.model_fields[rule].get_default(call_default_factory=True)
+        if getattr(parsed, rule) != default:
+            raise SubmissionError(f"{where}: {field}.{rule} is not the harness's default; the board compares "
+                                  "every defence's over-refusal under one rule (its markers, window and prompt "
+                                  "sources). Re-run the evaluation with the default over-refusal params.")
+    return parsed
 
 
 def refusal_flags(rows: list[dict[str, Any]], answers: list[str], params: Any, source: str) -> list[bool]:

@@ -115,8 +115,8 @@ def test_a_forged_refused_flag_is_refused_even_with_consistent_metrics(honest, t
         assert f"gives {not flag!r} for its response" in message
 
 
-def test_the_refusal_rule_uses_the_recorded_markers(honest, tmp_path):
-    """The flags are judged by the markers the evaluation recorded (and verify re-runs with)."""
+def test_the_refusal_rule_is_the_boards_and_flags_must_follow_it(honest, tmp_path):
+    """A submission cannot bring its own (weaker) refusal markers, and its flags are judged by the rule."""
     def nope(markers):
         files = lf.unpack(honest)
         _, name, rows = refused(files)
@@ -135,7 +135,8 @@ def test_the_refusal_rule_uses_the_recorded_markers(honest, tmp_path):
         return files, name
 
     files, _ = nope(["nope"])
-    assert submit(files, tmp_path)
+    with pytest.raises(SubmissionError, match=r"over-refusal\.params\.markers is not the harness's default"):
+        submit(files, tmp_path)
     files, name = nope(None)
     with pytest.raises(SubmissionError, match=f"{name} record 1: refused is True, but .* gives False"):
         submit(files, tmp_path)

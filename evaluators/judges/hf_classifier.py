@@ -26,12 +26,12 @@ from typing import Any
 import torch
 from pydantic import Field, field_validator
 
+from evaluators.judges.weights import local_dir, weights_sha256
 from harness.api import (
     ConfigError,
     HarnessError,
     Params,
     StageContext,
-    cached_file_sha256,
     judges,
     score_answered,
     stable_hash,
@@ -68,30 +68,9 @@ class HFClassifierParams(Params):
         return text
 
 
-def local_dir(ref: str) -> Path | None:
-    """The directory ``ref`` names, after refusing pickled weights; None for a hub id."""
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        if not any(path.glob("*.safetensors")):
-            raise HarnessError(
-                f"hf-classifier: {path} has no *.safetensors weights. Pickled checkpoints (.bin/.pt) are never "
-                "loaded, since unpickling runs code; convert them to safetensors with a trusted tool first.")
-        return path.resolve()
-    if path.exists():
-        raise HarnessError(f"hf-classifier: model {ref!r} is a file; pass the directory holding it.")
-    if ref.startswith(("/", ".", "~")):
-        raise HarnessError(f"hf-classifier: model directory {ref!r} does not exist.")
-    return None
-
-
-def weights_sha256(directory: Path) -> dict[str, str]:
-    """sha256 of each safetensors file in a local model directory."""
-    return {p.name: cached_file_sha256(p) for p in sorted(directory.glob("*.safetensors"))}
-
-
 def classifier_identity(params: HFClassifierParams) -> dict[str, Any]:
     """What identifies the scoring model without loading it (part of a harmfulness stage key)."""
-    directory = local_dir(params.model)
+    directory = local_dir(NAME, params.model)
     if directory is not None:
         return {"weights_sha256": weights_sha256(directory)}
     return {"hub": params.model, "revision": params.revision}
@@ -210,7 +189,7 @@ def hf_classifier(params: HFClassifierParams, ctx: StageContext) -> HFClassifier
 
     from harness.api import resolve_device
 
-    directory = local_dir(params.model)
+    directory = local_dir(NAME, params.model)
     source: str | Path = directory if directory is not None else params.model
     device = resolve_device(ctx.device)
     try:

@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from harness.api import HarnessError, Params, cached_file_sha256, resolve_device, resolve_dtype
+from evaluators.judges.weights import local_dir, weights_sha256
+from harness.api import HarnessError, Params, resolve_device, resolve_dtype
 
 
 class ScorerParams(Params):
@@ -38,26 +39,6 @@ class Scorer:
     tokenizer: Any
     directory: Path | None  # None: a hub id
     device: torch.device
-
-
-def local_dir(judge: str, ref: str) -> Path | None:
-    """The directory ``ref`` names (after refusing one without safetensors); None for a hub id."""
-    path = Path(ref).expanduser()
-    if path.is_dir():
-        if not any(path.glob("*.safetensors")):
-            raise HarnessError(
-                f"{judge}: {path} has no *.safetensors weights. Pickled checkpoints (.bin/.pt) are never loaded, "
-                "since unpickling runs code; convert them to safetensors with a trusted tool first.")
-        return path.resolve()
-    if path.exists():
-        raise HarnessError(f"{judge}: model {ref!r} is a file; pass the directory holding it.")
-    if ref.startswith(("/", ".", "~")):
-        raise HarnessError(f"{judge}: model directory {ref!r} does not exist.")
-    return None
-
-
-def weights_sha256(directory: Path) -> dict[str, str]:
-    return {p.name: cached_file_sha256(p) for p in sorted(directory.glob("*.safetensors"))}
 
 
 def identity(judge: str, params: ScorerParams) -> dict[str, Any]:
