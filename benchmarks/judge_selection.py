@@ -11,7 +11,7 @@ The backbone's features are embedded once per source and cached under
 ``<cache>/judges/features/`` (the same cache the judge trains from), so a rerun only trains heads.
 
     OMP_NUM_THREADS=1 python benchmarks/judge_selection.py --out /tmp/selection.json
-    python benchmarks/judge_selection.py --only old-default,new-default
+    python benchmarks/judge_selection.py --only default,old-default
 
 On a busy CPU, use one thread (the default): more threads contending with other jobs is far slower.
 """
@@ -44,7 +44,8 @@ LR = dict(hidden=0, solver="lbfgs", l2=1e-3)  # logistic regression by L-BFGS: s
 
 def _grid() -> dict[str, dict]:
     configs: dict[str, dict] = {
-        "old-default (MLP)": OLD,
+        "default": {},  # the judge as it ships (MiniLMHarmParams' defaults): the row to reproduce
+        "old-default": OLD,  # the MLP default before this selection
         "lr": {**OLD, **LR},
         "lr+moderation": {**OLD, **LR, "train_sources": ALL_MIX},
         "lr+balance": {**OLD, **LR, "balance": "source"},
@@ -110,7 +111,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--cache-dir", default=None, help="default: $HARNESS_CACHE_DIR or .harness-cache")
     parser.add_argument("--only", default="", help="comma-separated configuration names (default: all)")
-    parser.add_argument("--skip", default="old-default (MLP)",
+    parser.add_argument("--skip", default="old-default",
                         help="comma-separated configurations to leave out (default: the MLP, ~minutes per fold)")
     parser.add_argument("--extra", default=None,
                         help='JSON object of more configurations: {"name": {param: value, ...}, ...}')
@@ -131,6 +132,8 @@ def main() -> None:
         configs.update(json.loads(args.extra))
     skip = {n for n in args.skip.split(",") if n}
     names = [n for n in args.only.split(",") if n] or [n for n in configs if n not in skip]
+    if unknown := [n for n in names if n not in configs]:
+        parser.error(f"unknown configuration(s) {', '.join(unknown)}; known: {', '.join(configs)}")
     for name in names:
         t0 = time.perf_counter()
         params = mh.MiniLMHarmParams(**configs[name])

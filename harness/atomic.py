@@ -57,9 +57,10 @@ def atomic_dir(final: Path) -> Iterator[Path]:
 def _share(directory: Path) -> None:
     """Give what a library wrote into ``directory`` the umask's modes (some write weights through
     mkstemp, 0600), so every user of a shared cache can read a published stage."""
+    directory_mode, file_mode = _directory_mode(), _file_mode()  # one umask read per stage, not per file
     for path in directory.rglob("*"):
         if not path.is_symlink():
-            os.chmod(path, _directory_mode() if path.is_dir() else _file_mode())
+            os.chmod(path, directory_mode if path.is_dir() else file_mode)
 
 
 def _umask() -> int:

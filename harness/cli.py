@@ -201,8 +201,9 @@ def judge_validate(
     cache_dir: Path = typer.Option(Path(".harness-cache"), "--cache-dir", help="where trained judges and metrics live"),
     refresh: bool = typer.Option(False, "--refresh", help="recompute even if stored metrics exist"),
 ) -> None:
-    """Accuracy, macro-F1, ROC-AUC and calibration on held-out human labels (XSTest), plus agreement
-    with LlamaGuard2 labels; stored under the cache directory (judges/validation/)."""
+    """Accuracy, macro-F1, ROC-AUC and calibration on held-out human labels (XSTest), agreement with
+    LlamaGuard2 labels, sensitivity and specificity on answers to harmful prompts, and (minilm-harm) the
+    leave-one-source-out table; stored under the cache directory (judges/validation/)."""
     from harness.config import parse_set
     from harness.context import StageContext
     from harness.data import DataAccess

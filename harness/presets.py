@@ -18,18 +18,12 @@ SEPARATOR = "@"
 
 def presets_of(kind: str) -> dict[str, dict[str, dict[str, Any]]]:
     """{plugin name: {preset name: params}} for ``kind`` ("attacks" or "defences")."""
-    from harness.registry import registry_for
+    from harness.registry import HOOKS, registry_for
 
     registry = registry_for(kind)
-    if "presets" not in _hooks(kind):
+    if "presets" not in HOOKS.get(registry.kind, {}):  # evaluators, judges, ... have none
         return {}
     return {p.name: dict(p.hook("presets")) for p in registry.plugins() if p.hook("presets")}
-
-
-def _hooks(kind: str) -> dict[str, Any]:
-    from harness.registry import HOOKS
-
-    return HOOKS.get(kind, {})
 
 
 def split_reference(reference: str) -> tuple[str, str | None]:

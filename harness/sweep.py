@@ -142,24 +142,18 @@ def unequal_sizes(cells: list[Cell]) -> list[str]:
     """Plugins of the grid that bring no sizes for the sweep's profile while others of their kind do:
     they run at their own (paper-sized) defaults beside plugins sized for the profile, an unequal
     comparison the matrix would not show."""
-    from harness.presets import unsized
+    from harness.presets import profile_params, unsized
 
     problems = []
     profile = cells[0].config.profile  # the sweep's base sets it for every cell
     for kind, field in (("defences", "defence"), ("attacks", "attack")):
         names = sorted({getattr(c.config, field).name for c in cells})
         bare = [n for n in names if unsized(kind, n, profile)]
-        sized = [n for n in names if n not in bare and _has_params(kind, n)]
+        sized = [n for n in names if profile_params(kind, n, profile) is not None]
         if bare and sized:
             problems.append(f"{kind} {', '.join(bare)} bring no {profile} sizes and run at their defaults, "
                             f"while {', '.join(sized)} run at their {profile} sizes")
     return problems
-
-
-def _has_params(kind: str, name: str) -> bool:
-    from harness.registry import registry_for
-
-    return bool(registry_for(kind).get(name).params_model.model_fields)
 
 
 def _check_unique_titles(cells: list[Cell]) -> None:

@@ -22,6 +22,11 @@ TINY_SETS = [
 ]
 
 
+def flat(text: str) -> str:
+    """Rich wraps long messages; compare with whitespace collapsed."""
+    return " ".join(text.split())
+
+
 @pytest.fixture
 def one_torch_thread():
     """Tiny models gain nothing from threads, and on a busy machine OpenMP spinning makes them

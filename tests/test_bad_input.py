@@ -14,18 +14,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import TINY_SETS
+from conftest import TINY_SETS, flat
 from typer.testing import CliRunner
 
 from harness.cli import app
 
 runner = CliRunner()
 MARKUP = ["[/]", "[bold]x[/bold]", "jbb-pairs[Privacy]"]
-
-
-def flat(text: str) -> str:
-    """Rich wraps long messages; compare with whitespace collapsed."""
-    return " ".join(text.split())
 
 
 def run_cli(tmp_path: Path, *args: str, tiny: bool = True):

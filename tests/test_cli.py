@@ -4,17 +4,12 @@ import json
 import subprocess
 import sys
 
-from conftest import TINY_SETS
+from conftest import TINY_SETS, flat
 from typer.testing import CliRunner
 
 from harness.cli import app
 
 runner = CliRunner()
-
-
-def flat(text: str) -> str:
-    """Rich wraps long messages; compare with whitespace collapsed."""
-    return " ".join(text.split())
 
 
 def test_list_shows_plugins_with_params():

@@ -7,6 +7,7 @@ import json
 
 import leaderboard_fixtures as lf
 import pytest
+from conftest import flat
 from typer.testing import CliRunner
 
 from harness.cli import app
@@ -16,10 +17,6 @@ from leaderboard.site import MARKER, build_site
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "400"}  # so Rich does not shorten table cells
-
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ import statistics
 
 import leaderboard_fixtures as lf
 import pytest
+from conftest import flat
 from scipy import stats
 from typer.testing import CliRunner
 
@@ -23,10 +24,6 @@ runner = CliRunner()
 WIDE = {"COLUMNS": "400"}
 PRIMARY = "refusal-keywords"  # the grid's only judge
 HARM = {("none", "lora", 1): 0.8, ("repnoise", "lora", 1): 0.3, ("repnoise", "lora", 2): 0.5}
-
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
 
 
 @pytest.fixture(scope="session")

@@ -8,16 +8,13 @@ from pathlib import Path
 
 import leaderboard_fixtures as lf
 import pytest
+from conftest import flat
 from typer.testing import CliRunner
 
 from harness.cli import app
 
 runner = CliRunner()
 WIDE = {"COLUMNS": "400"}
-
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
 
 
 @pytest.fixture(scope="session")

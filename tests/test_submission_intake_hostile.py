@@ -7,6 +7,7 @@ import json
 
 import leaderboard_fixtures as lf
 import pytest
+from conftest import flat
 from typer.testing import CliRunner
 
 from harness.cli import app
@@ -17,10 +18,6 @@ from leaderboard.package import MANIFEST, package
 
 runner = CliRunner()
 DEEP = b"[" * 200_000 + b"]" * 200_000
-
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
 
 
 @pytest.fixture(scope="session")

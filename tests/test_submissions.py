@@ -6,6 +6,7 @@ import pickle
 
 import leaderboard_fixtures as lf
 import pytest
+from conftest import flat
 from typer.testing import CliRunner
 
 from harness.cli import app
@@ -15,10 +16,6 @@ from leaderboard.intake import add, open_submission
 from leaderboard.package import MANIFEST, package, sha256
 
 runner = CliRunner()
-
-
-def flat(text: str) -> str:
-    return " ".join(text.split())
 
 
 @pytest.fixture(scope="session")
