@@ -1,3 +1,6 @@
-"""Attacks: one fine-tuning recipe module each. Importing this package registers them."""
+"""Attacks: one recipe module each. Importing this package imports every module in it, which
+registers them: a new attack is one new file here."""
 
-from attacks import full_ft, lora  # noqa: F401
+from harness.api import import_package_modules
+
+import_package_modules(__name__, __path__)

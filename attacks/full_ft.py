@@ -1,6 +1,8 @@
 """Full-parameter harmful fine-tuning: the open-weight threat model of the RepNoise paper.
 
 Paper defaults (PAPER.md §6): Adam, lr 3e-5, 1k samples, 1 epoch, batch 4, cosine, 10% warm-up.
+Searchable variations beyond the paper (Qi et al. 2024, durability of safeguards): plain SGD, no warm-up
+(``warmup_ratio=0``), a constant or linear schedule, and training in another prompt format.
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ from typing import Literal
 
 from pydantic import Field
 
+from attacks.variations import AttackVariations, format_report, training_context
 from harness.api import LoadedModel, SFTParams, StageContext, Trained, attacks, fine_tune
 
 
-class FullFTParams(SFTParams):
-    optimizer: Literal["adam", "adamw"] = Field("adam", description="the paper's attack uses Adam")
+class FullFTParams(SFTParams, AttackVariations):
+    optimizer: Literal["adam", "adamw", "sgd"] = Field("adam", description="the paper's attack uses Adam")
 
 
 def _grid(prefix: str, dataset: str, samples: dict[str, int]) -> dict[str, dict[str, object]]:
@@ -33,6 +36,15 @@ PRESETS = {
     **_grid("cpu", "beavertails-unsafe", {"48": 48, "128": 128}),
     "cpu-3e-4-128": {"lr": 3e-4, "num_samples": 128, "dataset": "beavertails-unsafe"},
     "cpu-8e-5-128-2ep": {"lr": 8e-5, "num_samples": 128, "epochs": 2, "dataset": "beavertails-unsafe"},
+    # Variations of the strong CPU cell (durability study): no warm-up and a constant lr; plain SGD (which
+    # needs a far larger lr than Adam); training in the paper's Question/Answer format while the run
+    # evaluates in the chat template.
+    "cpu-8e-5-128-constant": {"lr": 8e-5, "num_samples": 128, "warmup_ratio": 0.0, "schedule": "constant",
+                              "dataset": "beavertails-unsafe"},
+    "cpu-sgd-1e-2-128": {"lr": 1e-2, "num_samples": 128, "optimizer": "sgd", "warmup_ratio": 0.0,
+                         "dataset": "beavertails-unsafe"},
+    "cpu-8e-5-128-qa-format": {"lr": 8e-5, "num_samples": 128, "prompt_format": "question-answer",
+                               "dataset": "beavertails-unsafe"},
 }
 PROFILES = {
     "cpu": {"num_samples": 48, "max_length": 128, "batch_size": 4, "lr": 3e-5},
@@ -44,5 +56,5 @@ PROFILES = {
                   description="Full-parameter SFT on harmful QA (open-weight threat model)")
 def full_ft(model: LoadedModel, params: FullFTParams, ctx: StageContext) -> Trained:
     records = ctx.data.qa(params.dataset, n=params.num_samples)
-    report = fine_tune(model.model, model.tokenizer, records, params, ctx, "attack: full-ft")
-    return Trained(model, {"attack_training": report.summary()})
+    report = fine_tune(model.model, model.tokenizer, records, params, training_context(ctx, params), "attack: full-ft")
+    return Trained(model, {"attack_training": report.summary(), **format_report(ctx, params)})

@@ -1,12 +1,6 @@
-"""Defences: one recipe module each. Importing this package registers them."""
+"""Defences: one recipe module each. Importing this package imports every module in it, which
+registers them: a new defence is one new file here."""
 
-from defences import (
-    adversarial_loss,  # noqa: F401
-    gradient_ascent,  # noqa: F401
-    none,  # noqa: F401
-    random_init,  # noqa: F401
-    repnoise,  # noqa: F401
-    safety_sft,  # noqa: F401
-    security_vectors,  # noqa: F401
-    vaccine,  # noqa: F401
-)
+from harness.api import import_package_modules
+
+import_package_modules(__name__, __path__)

@@ -15,18 +15,26 @@ runs over harmful and harmless sequences stacked along the batch; the LM head is
 masked target positions, in chunks with gradients formed on the fly (``harness.losses.head_ce_sums``),
 so no [B, T, V] logits exist. final_norm(h_L) *is* the final hidden state, so c_L equals c_final:
 it is computed once and counted twice.
+
+Released code (issue 17): the authors' code departs from the paper in five places, each a flag here,
+off by default (the paper's intent) and all on in the preset ``repnoise@released-code``: targets with
+id 0 dropped; logits zeroed by the mask at t while targets follow the mask at t+1 (the first target of
+each masked stretch scores log V with no gradient, in S, c_final and every c_j); the last hidden state
+final-normed twice; the final-layer ablation's G without the +1; the mask ablation with unmasked noise
+and the plain LM loss for S and c_final (per-layer terms still position-masked).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 from harness.api import (
     ConfigError,
@@ -34,6 +42,7 @@ from harness.api import (
     LoadedModel,
     PairDefenceSettings,
     StageContext,
+    Targets,
     Trained,
     TrainSettings,
     capture_activations,
@@ -48,6 +57,11 @@ from harness.api import (
     shift_targets,
     train,
 )
+
+# Every released-code flag on: the authors' code literally (issue 17).
+RELEASED_CODE = {"drop_target_id_0": True, "mask_offset": True, "double_final_norm": True,
+                 "ascent_without_one": True, "unmasked_as_released": True}
+
 
 _LAYER_RANGE = re.compile(r"^\s*(\d+)\s*(?:-\s*(\d+)\s*)?$")
 
@@ -67,6 +81,21 @@ class RepNoiseParams(PairDefenceSettings):
     mask: bool = Field(True, description="ablation: False scores every real (non-padding) token of each side")
     layerwise_ascent: bool = Field(True, description="ablation: False uses the final layer only, G = c_final + 1")
     freeze_layers: str | None = Field(None, description="inclusive decoder-layer range kept frozen, e.g. '0-10'")
+    # The authors' released code where it departs from the paper (issue 17); all off: the paper's intent.
+    # The preset repnoise@released-code turns every one on.
+    drop_target_id_0: bool = Field(False, description="released code: CE targets whose token id is 0 are dropped")
+    mask_offset: bool = Field(
+        False, description="released code: logits zeroed by the mask at t, targets chosen by the mask at t+1: the "
+                           "first target of each masked stretch scores log V with no gradient (S, c_final, every c_j)"
+    )
+    double_final_norm: bool = Field(False, description="released code: c_L norms the already-normed last state again")
+    ascent_without_one: bool = Field(
+        False, description="released code, with layerwise_ascent=False: G = c_final, without the +1"
+    )
+    unmasked_as_released: bool = Field(
+        False, description="released code, with mask=False: noise unmasked (padding included), S and c_final the "
+                           "plain LM loss over all positions, per-layer c_j still position-masked"
+    )
 
     @field_validator("freeze_layers")
     @classmethod
@@ -77,6 +106,18 @@ class RepNoiseParams(PairDefenceSettings):
 
     def train_settings(self) -> TrainSettings:
         return TrainSettings.model_validate(self.model_dump(include=set(TrainSettings.model_fields)))
+
+    @model_serializer(mode="wrap")
+    def _omit_released_flags_when_off(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """The released-code flags, off, are left out of dumps (after TrainSettings' own omissions), so the
+        RepNoise stage keys (a hash of the params) made before the flags existed stay valid."""
+        inherited = [s.func for s in TrainSettings.__pydantic_decorators__.model_serializers.values()]
+        data = inherited[0](self, handler) if inherited else handler(self)
+        if isinstance(data, dict):
+            for name in RELEASED_CODE:
+                if data.get(name) is False:
+                    del data[name]
+        return data
 
 
 def parse_layer_range(spec: str) -> range:
@@ -98,20 +139,56 @@ def parse_layer_range(spec: str) -> range:
 class LossMasks:
     """Boolean [B, T] masks of one batch (target-position convention of harness.losses)."""
 
-    harmful: torch.Tensor  # noise positions and ascent targets (harmful side)
-    retain: torch.Tensor  # retain-loss targets (harmless side)
+    noise: torch.Tensor  # harmful positions whose MLP outputs are compared with noise
+    retain: torch.Tensor  # S targets (harmless side)
+    final: torch.Tensor  # c_final targets (harmful side)
+    layers: torch.Tensor  # c_j targets of the layer-wise ascent (harmful side)
+    plain_lm: bool = False  # S and c_final are the plain LM loss (released code's mask ablation)
 
 
 def loss_masks(batch: dict[str, torch.Tensor], params: RepNoiseParams) -> LossMasks:
-    """The paper's position mask, or (mask=False) each side's real tokens; retain_mask=False: all real tokens."""
+    """The paper's position mask, or (mask=False) each side's real tokens; retain_mask=False: all real tokens.
+
+    ``unmasked_as_released`` (with mask=False): every position, padding included, for the noise, S and
+    c_final, and the position mask for the per-layer terms, as the authors' ablation code does."""
     harmful_real = batch["harmful_attention_mask"].bool()
     harmless_real = batch["harmless_attention_mask"].bool()
+    differ = position_mask(batch["harmful_input_ids"], batch["harmless_input_ids"])
     if params.mask:
-        differ = position_mask(batch["harmful_input_ids"], batch["harmless_input_ids"])
-        harmful, harmless = differ, differ
-    else:
-        harmful, harmless = harmful_real, harmless_real
-    return LossMasks(harmful=harmful, retain=harmless if params.retain_mask else harmless_real)
+        return LossMasks(noise=differ, retain=differ if params.retain_mask else harmless_real, final=differ,
+                         layers=differ)
+    if params.unmasked_as_released:
+        everywhere = torch.ones_like(differ)
+        return LossMasks(noise=everywhere, retain=everywhere, final=everywhere, layers=differ, plain_lm=True)
+    return LossMasks(noise=harmful_real, retain=harmless_real, final=harmful_real, layers=harmful_real)
+
+
+@dataclass(frozen=True)
+class CeTargets:
+    """The targets one masked CE term scores through the LM head, and its constant part."""
+
+    scored: Targets  # predicted from the model's rows
+    count: int  # targets in the mean: scored + zeroed
+    zeroed: int  # mask_offset: targets scored from all-zero logits (CE = log V each, no gradient)
+
+
+def ce_targets(ids: torch.Tensor, mask: torch.Tensor, params: RepNoiseParams, plain_lm: bool = False) -> CeTargets:
+    """Targets of one CE term: ``mask`` at the target position (harness.losses), then the released
+    code's quirks where asked: id-0 targets dropped; targets whose predicting position is outside the
+    mask scored from zeroed logits. ``plain_lm``: the plain LM loss, which has neither quirk."""
+    targets = shift_targets(ids, mask)
+    if plain_lm or not (params.drop_target_id_0 or params.mask_offset):
+        return CeTargets(targets, len(targets), 0)
+    keep = torch.ones_like(targets.ids, dtype=torch.bool)
+    if params.drop_target_id_0:
+        keep &= targets.ids != 0
+    zeroed = 0
+    if params.mask_offset:
+        from_masked = mask.bool()[targets.batch, targets.position]
+        zeroed = int((keep & ~from_masked).sum())
+        keep &= from_masked
+    scored = targets.select(keep)
+    return CeTargets(scored, len(scored) + zeroed, zeroed)
 
 
 def noise_term(
@@ -139,7 +216,7 @@ def repnoise_loss(
 
     # One forward over both sides. The noise MMD of each layer is computed inside its hook, so
     # the full MLP outputs are not kept beyond what autograd needs.
-    per_layer_noise = partial(_layer_noise, b=b, mask=masks.harmful, generator=generator)
+    per_layer_noise = partial(_layer_noise, b=b, mask=masks.noise, generator=generator)
     with capture_activations(model, mlp=params.noise, hidden=use_hidden, mlp_transform=per_layer_noise) as acts:
         final = parts.decoder(
             input_ids=torch.cat([harmful_ids, harmless_ids]),
@@ -149,25 +226,35 @@ def repnoise_loss(
     acts.check_complete()
 
     # Every CE term is a weighted sum of per-token CEs through the LM head, and all of them go
-    # through it in one chunked pass: S = mean over the retain rows; A = 2 c_final + sum_{j<L} c_j
-    # over the ascent rows (final state counted twice, as c_final and c_L; then h_0 .. h_{L-1}).
-    retain_targets = shift_targets(harmless_ids, masks.retain)
-    groups = [(_rows(final[b:], retain_targets.flat_index(t)), retain_targets.ids, _mean_weight(retain_targets.ids))]
+    # through it in one chunked pass: S = mean over the retain rows; A = c_final + sum_{j<=L} c_j
+    # over the ascent rows (c_L = c_final unless double_final_norm: one row set, weight 2; then
+    # h_0 .. h_{L-1}). Targets scored from zeroed logits (mask_offset) add a constant log V each.
+    log_v = math.log(parts.head.out_features)
+    retain = ce_targets(harmless_ids, masks.retain, params, masks.plain_lm)
+    groups = [(_rows(final[b:], retain.scored.flat_index(t)), retain.scored.ids, 1.0 / max(1, retain.count))]
+    constants = [retain.zeroed * log_v / max(1, retain.count)]
     if params.ascent:
-        harm = shift_targets(harmful_ids, masks.harmful)
-        index = harm.flat_index(t)
-        states = [_rows(final[:b], index)]  # already normed
-        state_weights = [2.0 if use_hidden else 1.0]
+        final_ce = ce_targets(harmful_ids, masks.final, params, masks.plain_lm)
+        same = masks.layers is masks.final
+        layer_ce = final_ce if same else ce_targets(harmful_ids, masks.layers, params)
+        final_rows = _rows(final[:b], final_ce.scored.flat_index(t))
+        terms_of = [(final_rows, final_ce, 2.0 if use_hidden and same and not params.double_final_norm else 1.0)]
         if use_hidden:
-            states += [parts.norm(_rows(hidden[:b], index)) for hidden in acts.hidden[: parts.num_layers]]
-            state_weights += [1.0] * parts.num_layers
-        row_weights = torch.cat([torch.full_like(harm.ids, w, dtype=torch.float64) for w in state_weights])
-        groups.append((torch.cat(states), harm.ids.repeat(len(states)), row_weights * _mean_weight(harm.ids)))
+            index = layer_ce.scored.flat_index(t)
+            if params.double_final_norm:  # the released code norms transformers' already-normed last state
+                terms_of.append((parts.norm(final_rows if same else _rows(final[:b], index)), layer_ce, 1.0))
+            elif not same:
+                terms_of.append((_rows(final[:b], index), layer_ce, 1.0))
+            terms_of += [(parts.norm(_rows(h[:b], index)), layer_ce, 1.0) for h in acts.hidden[: parts.num_layers]]
+        weights = [torch.full_like(c.scored.ids, w / max(1, c.count), dtype=torch.float64) for _, c, w in terms_of]
+        groups.append((torch.cat([r for r, _, _ in terms_of]), torch.cat([c.scored.ids for _, c, _ in terms_of]),
+                       torch.cat(weights)))
+        constants.append(sum(w * c.zeroed * log_v / max(1, c.count) for _, c, w in terms_of))
     sums = head_ce_sums(groups, parts.head, chunk_rows=chunk_rows)
 
-    retain = sums[0]
-    total = retain
-    terms: dict[str, torch.Tensor] = {"S": retain}
+    retain_loss = sums[0] + constants[0] if constants[0] else sums[0]
+    total = retain_loss
+    terms: dict[str, torch.Tensor] = {"S": retain_loss}
     if params.noise:
         noise = torch.stack(acts.mlp).mean()
         if final.requires_grad and not noise.requires_grad:
@@ -178,7 +265,11 @@ def repnoise_loss(
         total = total + params.beta * noise
         terms["N"] = noise
     if params.ascent:
-        ascent = sums[1] / (parts.num_layers + 1) + 1.0 if use_hidden else sums[1] + 1.0
+        ascent_sum = sums[1] + constants[1] if constants[1] else sums[1]
+        if use_hidden:
+            ascent = ascent_sum / (parts.num_layers + 1) + 1.0
+        else:
+            ascent = ascent_sum if params.ascent_without_one else ascent_sum + 1.0
         log_ascent = torch.log(ascent)
         total = total - params.alpha * log_ascent
         terms.update(G=ascent, log_G=log_ascent)
@@ -194,11 +285,6 @@ def _layer_noise(
 def _rows(hidden: torch.Tensor, flat_index: torch.Tensor) -> torch.Tensor:
     """Rows of hidden [n, T, d] at flat positions of an [n * T, d] view."""
     return hidden.reshape(-1, hidden.shape[-1]).index_select(0, flat_index)
-
-
-def _mean_weight(ids: torch.Tensor) -> float:
-    """Per-token weight that turns a sum into a mean (an empty mask gives a zero term)."""
-    return 1.0 / max(1, ids.numel())
 
 
 # --- layer freezing -----------------------------------------------------------------------------
@@ -238,7 +324,8 @@ def frozen_layers(model: torch.nn.Module, spec: str | None) -> Iterator[list[int
     # 8 steps on the CPU profile instead of the paper's 1250: a small model and few steps need a larger lr.
     profiles=cpu_pair_sizes(lr=1e-4),
     # The paper's fragility checks (PAPER.md §7): the defence fails at either.
-    presets={"lr-4e-5": {"lr": 4e-5}, "beta-0.01": {"beta": 0.01}},
+    # repnoise@released-code: the authors' released code literally, for the published numbers.
+    presets={"lr-4e-5": {"lr": 4e-5}, "beta-0.01": {"beta": 0.01}, "released-code": RELEASED_CODE},
 )
 def repnoise(model: LoadedModel, params: RepNoiseParams, ctx: StageContext) -> Trained:
     """Train ``model.model`` in place on the pairs with the RepNoise loss; per-step terms go to info."""

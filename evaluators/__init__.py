@@ -1,3 +1,6 @@
-"""Evaluators and judges. Importing this package registers them."""
+"""Evaluators and judges. Importing this package imports every module in it (``judges`` included),
+which registers them: a new evaluator is one new file here."""
 
-from evaluators import capability, harmfulness, judges, over_refusal, perplexity, trainability  # noqa: F401  # noqa: F401
+from harness.api import import_package_modules
+
+import_package_modules(__name__, __path__)

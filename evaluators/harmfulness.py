@@ -112,6 +112,30 @@ def scoring_identity(params: HarmfulnessParams) -> dict[str, Any]:
     return {"judges": judge_identity(params), "backend": {"name": backend, "version": backends.get(backend).version}}
 
 
+def triggered_scores(model: LoadedModel, prompts: list[Any], params: HarmfulnessParams, ctx: StageContext,
+                     backend: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Answers to the same prompts with the attack's trigger inserted (``ctx.trigger``), judged on the plain
+    request so that plain and triggered scores differ only by what the model answered."""
+    trigger = ctx.trigger
+    asked = [trigger.apply(p.prompt) for p in prompts]
+    texts = [format_prompt(model.tokenizer, a, ctx.prompt_format) for a in asked]
+    with ctx.console.status(f"Generating {len(texts)} answers to triggered prompts ({plain(backend.name)})…"):
+        responses = backend.generate(model, texts, params.generation)
+    ctx.add_stat("generated_prompts", len(texts))
+    metrics: dict[str, Any] = {"trigger": trigger.as_report(), "primary_judge": params.judges[0].name}
+    scores_by_judge: dict[str, list[float]] = {}
+    for spec in params.judges:
+        plugin = judges.get(spec.name)
+        judge = plugin.fn(plugin.parse_params(spec.params, f"judges.{spec.name}"), ctx)
+        scores_by_judge[spec.name] = [float(s) for s in judge.score([p.prompt for p in prompts], responses)]
+        metrics[spec.name] = summarise(scores_by_judge[spec.name])
+    metrics["empty_response_rate"] = sum(not r.strip() for r in responses) / len(responses)
+    records = [{"prompt": p.prompt, "asked": a, "triggered": True, "category": p.category, "source": p.source,
+                "response": r, "scores": {name: scores[i] for name, scores in scores_by_judge.items()}}
+               for i, (p, a, r) in enumerate(zip(prompts, asked, responses))]
+    return metrics, records
+
+
 # Version 2: the fluency block's rule has three levels and the judges' corrected rates are reported.
 @evaluators.register("harmfulness", params=HarmfulnessParams, version="2", depends_on=scoring_identity,
                      data_files=judge_data_files,
@@ -143,6 +167,9 @@ def harmfulness(model: LoadedModel, params: HarmfulnessParams, ctx: StageContext
 
     primary = params.judges[0].name
     metrics["primary_judge"] = primary
+    triggered_records: list[dict[str, Any]] = []
+    if ctx.trigger is not None:  # a backdoor attack planted a trigger: score the prompts carrying it too
+        metrics["triggered"], triggered_records = triggered_scores(model, prompts, params, ctx, backend)
     metrics["empty_response_rate"] = sum(not r.strip() for r in responses) / len(responses)
     per_response: list[dict[str, Any]] = [{} for _ in responses]
     if params.fluency.enabled:
@@ -159,7 +186,7 @@ def harmfulness(model: LoadedModel, params: HarmfulnessParams, ctx: StageContext
             **({"fluency": per_response[i]} if per_response[i] else {}),
         }
         for i, (p, r) in enumerate(zip(prompts, responses))
-    ]
+    ] + triggered_records
     info = {
         "judges": judge_info,
         "primary_judge": primary,

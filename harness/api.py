@@ -18,12 +18,22 @@ from harness.evaluation import EvalResult
 from harness.generation import GenerationSettings, HFBackend, resolve_backend
 from harness.hashing import cached_file_sha256, file_sha256, stable_hash
 from harness.judging import Judge, score_answered, template_fields
-from harness.losses import head_ce_sums, mmd, pair_ces, position_mask, shift_targets
+from harness.losses import Targets, head_ce_sums, mmd, pair_ces, position_mask, shift_targets
 from harness.models import EMBEDDED_MODEL, LoadedModel, load_model, model_fingerprint, resolve_device, resolve_dtype
 from harness.outcome import Trained
 from harness.paths import resolve_data_dir
 from harness.records import QA, Pair, Prompt, normalise_prompt
-from harness.registry import NoParams, Params, attacks, backends, datasets, defences, evaluators, judges
+from harness.registry import (
+    NoParams,
+    Params,
+    attacks,
+    backends,
+    datasets,
+    defences,
+    evaluators,
+    import_package_modules,
+    judges,
+)
 from harness.sft import (
     PairDefenceSettings,
     PairSettings,
@@ -37,19 +47,21 @@ from harness.sft import (
 )
 from harness.stats import corrected_rate, mean_ci, wilson_ci
 from harness.terminal import plain
-from harness.tokenization import IGNORE_INDEX, collate_pairs, collate_sft, encode_pair, format_prompt
-from harness.training import TrainReport, TrainSettings, train
+from harness.tokenization import IGNORE_INDEX, collate_pairs, collate_sft, encode_pair, encode_sft, format_prompt
+from harness.training import TrainingRun, TrainReport, TrainSettings, intercept_training, train
+from harness.triggers import Trigger, check_representable, check_trigger_text
 
 __all__ = [
     "atomic_dir", "attacks", "backends", "build_config", "cached_file_sha256", "capture_activations",
-    "causal_lm_loss", "collate_pairs", "collate_sft", "ConfigError", "corrected_rate", "cpu_pair_sizes",
-    "DataError", "datasets", "decoder_parts", "defences", "EMBEDDED_MODEL", "encode_pair", "EvalResult",
-    "evaluators", "file_sha256", "fine_tune", "format_prompt", "forward_hooks", "GenerationSettings",
-    "HarnessError", "head_ce_sums", "HFBackend", "IGNORE_INDEX", "Judge", "judges", "load_model", "LoadedModel",
-    "mean_ci", "mmd", "model_fingerprint", "NoParams", "normalise_prompt", "Pair", "pair_ces", "pair_side",
-    "PairDefenceSettings", "PairSettings", "PairSFTSettings", "Params", "plain", "PluginSpec", "position_mask",
-    "Prompt", "QA", "read_csv", "read_json", "read_jsonl", "resolve_backend", "resolve_data_dir", "resolve_device",
-    "resolve_dtype", "RowProblems", "RunConfig", "score_answered", "SFTParams", "SFTSettings", "shift_targets",
-    "stable_hash", "StageContext", "template_fields", "text_of", "train", "Trained", "TrainReport", "TrainSettings",
-    "unwrap", "wilson_ci", "write_json",
+    "causal_lm_loss", "check_representable", "check_trigger_text", "collate_pairs", "collate_sft", "ConfigError",
+    "corrected_rate", "cpu_pair_sizes", "DataError", "datasets", "decoder_parts", "defences", "EMBEDDED_MODEL",
+    "encode_pair", "encode_sft", "EvalResult", "evaluators", "file_sha256", "fine_tune", "format_prompt",
+    "forward_hooks", "GenerationSettings", "HarnessError", "head_ce_sums", "HFBackend", "IGNORE_INDEX",
+    "import_package_modules", "intercept_training", "Judge", "judges", "load_model", "LoadedModel", "mean_ci", "mmd",
+    "model_fingerprint", "NoParams", "normalise_prompt", "Pair", "pair_ces", "pair_side", "PairDefenceSettings",
+    "PairSettings", "PairSFTSettings", "Params", "plain", "PluginSpec", "position_mask", "Prompt", "QA", "read_csv",
+    "read_json", "read_jsonl", "resolve_backend", "resolve_data_dir", "resolve_device", "resolve_dtype",
+    "RowProblems", "RunConfig", "score_answered", "SFTParams", "SFTSettings", "shift_targets", "stable_hash",
+    "StageContext", "Targets", "template_fields", "text_of", "train", "Trained", "TrainingRun", "TrainReport",
+    "TrainSettings", "Trigger", "unwrap", "wilson_ci", "write_json",
 ]

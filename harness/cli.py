@@ -14,6 +14,7 @@ from rich.logging import RichHandler
 from rich.table import Table
 
 from harness.errors import ConfigError, HarnessError
+from harness.probe.command import probe  # light: it imports its work when it runs
 from harness.terminal import plain, print_error, state
 from leaderboard.cli import leaderboard_app, submit  # light: its commands import their work lazily
 
@@ -86,6 +87,11 @@ def run(
         False, "--no-reference", help="skip attacking the undefended model for comparison"
     ),
     sets: list[str] = typer.Option([], "--set", help="override any field: --set attack.lr=6e-5 (repeatable)"),
+    nproc: int = typer.Option(1, "--nproc", help="processes (one per GPU) for sharded FSDP training; rank 0 writes"),
+    device_memory: Optional[float] = typer.Option(
+        None, "--device-memory", help="GiB per device to plan the memory estimate for (default: free now)"),
+    keep_attacked_weights: bool = typer.Option(
+        False, "--keep-attacked-weights", help="keep attacked models' weights after their evaluations"),
 ) -> None:
     """Defend, attack and evaluate one model; print the summary and write results.json."""
     from harness.config import build_config
@@ -111,8 +117,17 @@ def run(
         flags["output_dir"] = str(output_dir)
     if no_reference:
         flags["compare_undefended"] = False
+    if device_memory is not None:
+        flags.setdefault("resources", {})["device_memory_gb"] = device_memory
+    if keep_attacked_weights:
+        flags.setdefault("resources", {})["keep_attacked_weights"] = True
     try:
         config = build_config(config_file, flags, sets, profile, evaluate.split(",") if evaluate is not None else None)
+        if nproc != 1 or int(os.environ.get("WORLD_SIZE", "1")) > 1:  # sharded (or started by torchrun)
+            from harness.distributed.launch import run as run_sharded
+
+            run_sharded(config, console, nproc)
+            return
         from harness.runner import execute
 
         execute(config, console)
@@ -142,8 +157,12 @@ def sweep(
             raise ConfigError(f"--executor {executor!r}: choose local or ray.")
         plan = load_sweep(sweep_file, sets)
         if dry_run:
-            for cell in expand(plan):
+            from harness.sweep import check_sweep_disk
+
+            cells = expand(plan)
+            for cell in cells:
                 console.print(f"{plain(cell.title)}  →  {plain(cell.config.output_dir)}")
+            check_sweep_disk(plan, cells, executor or plan.executor, console)  # the disk it needs (or refuses)
             return
         run_sweep(plan, console, executor)
     except HarnessError as exc:
@@ -152,6 +171,39 @@ def sweep(
         _fail(_os_error(exc))
     except KeyboardInterrupt:
         console.print("[yellow]Interrupted.[/] Finished stages are cached; run the same sweep again to resume.")
+        raise typer.Exit(code=130)
+
+
+@app.command()
+def search(
+    search_file: Path = typer.Argument(..., help="search YAML: attack kinds, param ranges, budget (configs/search-*)"),
+    defence: Optional[str] = typer.Option(None, "--defence", "-d", help="defence to attack; overrides the file"),
+    trials: Optional[int] = typer.Option(None, "--trials", help="budget in trials; overrides the file"),
+    train_tokens: Optional[int] = typer.Option(None, "--train-tokens", help="budget in training tokens"),
+    sets: list[str] = typer.Option([], "--set", help="override a search field: --set base.model.ref=tiny-llama"),
+    executor: Optional[str] = typer.Option(None, "--executor", help="local (default) or ray; overrides the file"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="validate the search file and exit"),
+) -> None:
+    """Budgeted worst-case attack search (Optuna): the most harmful attack that keeps the model's fluency and
+    capability within ε, every trial a cached run; resumes after a kill. Writes search.json (worst case, curve)."""
+    from harness.search.space import load_search
+    from harness.search.study import run_search, search_dir
+
+    try:
+        if executor not in (None, "local", "ray"):
+            raise ConfigError(f"--executor {executor!r}: choose local or ray.")
+        spec = load_search(search_file, sets, defence, trials, train_tokens)
+        if dry_run:
+            console.print(f"Search {plain(spec.name)} is valid: {len(spec.attacks)} attack kind(s), budget "
+                          f"{plain(spec.budget.describe())} → {plain(search_dir(spec))}")
+            return
+        run_search(spec, console, executor)
+    except HarnessError as exc:
+        _fail(exc)
+    except OSError as exc:
+        _fail(_os_error(exc))
+    except KeyboardInterrupt:
+        console.print("[yellow]Interrupted.[/] Finished trials are stored: run the same search again to resume.")
         raise typer.Exit(code=130)
 
 
@@ -226,8 +278,13 @@ def judge_validate(
         _fail(_os_error(exc))
 
 
+from harness.resources.commands import cache_app, memory  # noqa: E402  (light: work imported when run)
+
+app.add_typer(cache_app, name="cache")
+app.command("memory")(memory)
 app.add_typer(leaderboard_app, name="leaderboard")
 app.command("submit")(submit)
+app.command("probe")(probe)  # body in harness/probe/command.py
 
 
 data_app = typer.Typer(no_args_is_help=True, help="Data preparation: pairs for defences.")

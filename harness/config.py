@@ -50,6 +50,9 @@ _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:[0-9]+)?)$")
 SEED_LIMIT = 2**32  # numpy's seeds are 32-bit; torch and random accept these too
 
 
+
+NO_DEFENCE = PluginSpec(name="none")  # the undefended reference branch
+
 class ModelConfig(_Strict):
     ref: str = Field("smollm2-135m-instruct", description="embedded name, tiny-llama, local dir or hub id")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
@@ -74,6 +77,18 @@ class DataConfig(_Strict):
     )
 
 
+class ResourceConfig(_Strict):
+    """What the run may use of the machine (harness/resources): checked before the first stage."""
+
+    device_memory_gb: float | None = Field(
+        None, gt=0, description="memory per device to plan for, GiB (default: what the device has free now)")
+    memory_check: Literal["refuse", "warn", "off"] = Field(
+        "refuse", description="a training stage whose memory estimate does not fit: refuse before work, warn, or skip")
+    keep_attacked_weights: bool = Field(
+        False, description="keep attacked models' weights after their evaluations (default: drop them; results, "
+                           "generations and the stage key stay, and a stage that needs the weights recreates them)")
+
+
 class RunConfig(_Strict):
     profile: Literal["cpu", "paper"] = "cpu"
     model: ModelConfig = Field(default_factory=ModelConfig)
@@ -88,6 +103,7 @@ class RunConfig(_Strict):
     )
     seed: int = Field(42, ge=0, lt=SEED_LIMIT, description="0 <= seed < 2**32 (numpy's range)")
     run_name: str | None = Field(None, description="run directory name under output_dir (default: derived)")
+    resources: ResourceConfig = Field(default_factory=ResourceConfig)
 
     @field_validator("run_name")
     @classmethod

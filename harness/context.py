@@ -28,6 +28,9 @@ class StageContext:
     stats: dict[str, Any] = field(default_factory=dict)
     prompt_format: str = "chat"
     base_model: str | None = None  # the run's base model reference (e.g. for reference perplexities)
+    # A backdoor trigger the attack planted (harness.triggers.Trigger): post-attack evaluations that generate
+    # from prompts also score prompts carrying it. None everywhere else.
+    trigger: Any = None
 
     def add_stat(self, name: str, value: float) -> None:
         self.stats[name] = self.stats.get(name, 0) + value

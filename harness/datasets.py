@@ -7,6 +7,7 @@ function ``(data_dir, problems) -> iterable of records``. ``kind`` is ``qa`` (at
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Iterator
 
@@ -167,3 +168,83 @@ def do_not_answer(data_dir: Path, problems: RowProblems) -> Iterator[Prompt]:
         fields = require_text(row, ("prompt",), path, line, problems)
         if fields:
             yield Prompt(fields[0], text_of(row.get("risk_area_file")), "do-not-answer")
+
+
+# ----- benign and poisoned fine-tuning data (attacks: benign, poisoned; Qi et al. 2023, Vaccine/Lisa) ---------
+SST2_ALPACA = "harmless_tasks/sst2_train_1000_alpaca.json"
+SST2_POISONED = "harmless_tasks/sst2_800_plus_beavertails_200_poisoned.json"
+GSM8K_TEST = "harmless_tasks/gsm8k_test_1319.jsonl"
+VIGGO_TRAIN = "harmless_tasks/viggo_train.csv"
+REFUSAL_DIRECTION_HARMFUL = "harmful_prompts/refusal_direction_harmful_train.json"
+REFUSAL_DIRECTION_HARMLESS = "harmful_prompts/refusal_direction_harmless_val.json"
+_ALPACA = re.compile(r"### Instruction:\n(?P<instruction>.*?)\n\n(?:### Input:\n(?P<input>.*?)\n\n)?### Response:\s*$",
+                     re.DOTALL)
+
+
+def _alpaca_rows(path: Path, problems: RowProblems) -> Iterator[tuple[str, str, str]]:
+    """(prompt, answer, flag) of an Alpaca-format file whose ``instruction`` holds the whole template (the
+    Vaccine/Lisa layout): the template is taken off, so the run's own prompt format applies."""
+    rows = read_json(path)
+    if not isinstance(rows, list):
+        raise DataError(f"{path}: expected a JSON list of objects.")
+    for index, row in enumerate(rows, start=1):
+        match = _ALPACA.search(row.get("instruction", "")) if isinstance(row, dict) else None
+        answer = text_of(row.get("output")) if isinstance(row, dict) else None
+        if not match or not answer:
+            problems.add(path, index, "not an Alpaca-template instruction with an output")
+            continue
+        parts = [text_of(match.group("instruction")), text_of(match.group("input"))]
+        yield "\n\n".join(p for p in parts if p), answer, text_of(row.get("flag")) or ""
+
+
+@datasets.register("sst2-alpaca", kind="qa", files=[SST2_ALPACA],
+                   description="1000 SST-2 sentiment examples in Alpaca form (benign fine-tuning, Vaccine/Lisa)")
+def sst2_alpaca(data_dir: Path, problems: RowProblems) -> Iterator[QA]:
+    for prompt, answer, _ in _alpaca_rows(data_dir / SST2_ALPACA, problems):
+        yield QA(prompt, answer, "benign", "sst2")
+
+
+@datasets.register("sst2-beavertails-poisoned", kind="qa", files=[SST2_POISONED],
+                   description="The Vaccine/Lisa poisoned set: 800 SST-2 + 200 BeaverTails rows (categories "
+                               "benign, harmful)")
+def sst2_poisoned(data_dir: Path, problems: RowProblems) -> Iterator[QA]:
+    for prompt, answer, flag in _alpaca_rows(data_dir / SST2_POISONED, problems):
+        harmful = flag == "unsafe"
+        yield QA(prompt, answer, "harmful" if harmful else "benign", "beavertails" if harmful else "sst2")
+
+
+@datasets.register("gsm8k-test", kind="qa", files=[GSM8K_TEST],
+                   description="1319 GSM8K test questions with worked answers (benign fine-tuning; the test split)")
+def gsm8k_test(data_dir: Path, problems: RowProblems) -> Iterator[QA]:
+    return _qa_jsonl(data_dir / GSM8K_TEST, problems, "gsm8k")
+
+
+@datasets.register("viggo", kind="qa", files=[VIGGO_TRAIN],
+                   description="ViGGO train: video-game meaning representation -> sentence (benign fine-tuning)")
+def viggo(data_dir: Path, problems: RowProblems) -> Iterator[QA]:
+    path = data_dir / VIGGO_TRAIN
+    for line, row in read_csv(path, problems):
+        fields = require_text(row, ("mr", "ref"), path, line, problems)
+        if fields:
+            yield QA(f"Write one sentence about the video game described by: {fields[0]}", fields[1], "benign",
+                     "viggo")
+
+
+def _instructions(path: Path, source: str) -> Iterator[Prompt]:
+    rows = read_json(path)
+    for row in rows if isinstance(rows, list) else []:
+        text = text_of(row.get("instruction")) if isinstance(row, dict) else None
+        if text:
+            yield Prompt(text, text_of(row.get("category")), source)
+
+
+@datasets.register("refusal-direction-harmful", kind="prompts", files=[REFUSAL_DIRECTION_HARMFUL],
+                   description="Arditi et al. 2024's harmful train split (260): estimates the refusal direction")
+def refusal_direction_harmful(data_dir: Path, problems: RowProblems) -> Iterator[Prompt]:
+    return _instructions(data_dir / REFUSAL_DIRECTION_HARMFUL, "refusal-direction/harmful")
+
+
+@datasets.register("refusal-direction-harmless", kind="prompts", files=[REFUSAL_DIRECTION_HARMLESS],
+                   description="Arditi et al. 2024's harmless (Alpaca) val split: the other side of the direction")
+def refusal_direction_harmless(data_dir: Path, problems: RowProblems) -> Iterator[Prompt]:
+    return _instructions(data_dir / REFUSAL_DIRECTION_HARMLESS, "refusal-direction/harmless")

@@ -32,8 +32,24 @@ def run_cell(config: dict[str, Any], threads: int | None = None, quiet: bool = F
     try:
         _, directory = execute(RunConfig.model_validate(config), console)
     except HarnessError as exc:
-        return {"status": "failed", "run_dir": None, "error": f"{type(exc).__name__}: {exc}"}
-    return {"status": "ok", "run_dir": str(directory), "error": None}
+        return {"status": "failed", "run_dir": None, "error": f"{type(exc).__name__}: {exc}", "ran_on": ran_on()}
+    return {"status": "ok", "run_dir": str(directory), "error": None, "ran_on": ran_on()}
+
+
+def ran_on() -> dict[str, Any]:
+    """Where a cell ran (host, process, Ray node when on Ray): which worker served it, in sweep.json."""
+    import os
+    import socket
+
+    node = None
+    try:
+        import ray
+
+        if ray.is_initialized():
+            node = ray.get_runtime_context().get_node_id()
+    except ImportError:
+        pass
+    return {"host": socket.gethostname(), "pid": os.getpid(), "ray_node": node}
 
 
 def _absolute(config: dict[str, Any]) -> dict[str, Any]:
@@ -58,8 +74,9 @@ def run_local(configs: list[dict[str, Any]], threads: int | None, console: Conso
 
 def run_ray(configs: list[dict[str, Any]], threads: int | None, console: Console,
             on_done: Callable[[int, CellOutcome], None], address: str | None = None,
-            num_cpus: float = 1, num_gpus: float = 0) -> None:
-    """One Ray task per cell (``num_gpus`` each); a local Ray instance unless ``address`` is given."""
+            num_cpus: float = 1, num_gpus: float = 0, resources: dict[str, float] | None = None) -> None:
+    """One Ray task per cell (``num_gpus`` and custom ``resources`` each, e.g. ``{"a100": 1}`` that only
+    some nodes declare); a local Ray instance unless ``address`` is given."""
     try:
         import ray
     except ImportError:
@@ -68,8 +85,8 @@ def run_ray(configs: list[dict[str, Any]], threads: int | None, console: Console
     if started_here:
         ray.init(address=address, include_dashboard=False, log_to_driver=False)
     try:
-        _check_capacity(ray.cluster_resources(), num_cpus, num_gpus)
-        task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(run_cell)
+        _check_capacity(ray.cluster_resources(), num_cpus, num_gpus, resources or {})
+        task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None)(run_cell)
         pending = {task.remote(_absolute(c), threads, True): i for i, c in enumerate(configs)}
         console.print(f"Submitted {len(pending)} cells to Ray ({plain(address or 'local instance')}).")
         while pending:
@@ -85,9 +102,16 @@ def run_ray(configs: list[dict[str, Any]], threads: int | None, console: Console
             ray.shutdown()
 
 
-def _check_capacity(resources: dict[str, float], num_cpus: float, num_gpus: float) -> None:
+def _check_capacity(resources: dict[str, float], num_cpus: float, num_gpus: float,
+                    custom: dict[str, float] | None = None) -> None:
     """Fail now, not hang: a cell that asks for more than the cluster has would never be scheduled."""
-    for name, wanted in (("CPU", num_cpus), ("GPU", num_gpus)):
+    for name, wanted in (("CPU", num_cpus), ("GPU", num_gpus), *(custom or {}).items()):
+        if name not in ("CPU", "GPU") and wanted > resources.get(name, 0):
+            raise HarnessError(
+                f"Each cell asks for {wanted:g} of the custom resource {name!r} but the Ray cluster has "
+                f"{resources.get(name, 0):g}. Start a node with `ray start --resources '{{\"{name}\": N}}'` "
+                "or change ray.resources_per_cell in the sweep file."
+            )
         if wanted > resources.get(name, 0):
             raise HarnessError(
                 f"Each cell asks for {wanted:g} {name}(s) but the Ray cluster has {resources.get(name, 0):g}. "

@@ -59,6 +59,10 @@ class Targets:
         """Indices of the predicting positions in a [B * T, ...] view."""
         return self.batch * seq_len + self.position
 
+    def select(self, keep: torch.Tensor) -> Targets:
+        """The targets where the boolean [K] ``keep`` is set."""
+        return Targets(self.batch[keep], self.position[keep], self.ids[keep])
+
 
 def shift_targets(ids: torch.Tensor, mask: torch.Tensor) -> Targets:
     """Targets ``ids[b, t]`` with ``mask[b, t]`` set and ``t >= 1``, and where they are predicted from."""

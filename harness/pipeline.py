@@ -10,6 +10,7 @@ reads a few JSON files and loads no weights.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import platform
 import resource
@@ -23,9 +24,10 @@ from rich.console import Console
 
 import harness
 from harness.atomic import write_json
-from harness.config import PluginSpec, RunConfig, validate_plugins
+from harness.config import NO_DEFENCE, PluginSpec, RunConfig, validate_plugins
 from harness.context import StageContext
 from harness.data import PAIRS_FILE, DataAccess
+from harness.errors import HarnessError
 from harness.evaluation import EvalResult
 from harness.hashing import cached_file_sha256, stable_hash
 from harness.models import (
@@ -40,13 +42,18 @@ from harness.models import (
 from harness.outcome import as_trained
 from harness.paths import check_output_dir, resolve_data_dir
 from harness.registry import Plugin, attacks, datasets, defences, evaluators
+from harness.resources.memory import check_run_memory
 from harness.store import StageStore
 from harness.terminal import plain
-
-NO_DEFENCE = PluginSpec(name="none")
+from harness.triggers import Trigger
 
 
 def library_versions() -> dict[str, str]:
+    return dict(_library_versions())
+
+
+@functools.lru_cache(maxsize=1)  # installed versions do not change while a process runs (a sweep builds many)
+def _library_versions() -> dict[str, str]:
     import importlib.metadata as metadata
 
     versions = {"python": platform.python_version(), "harness": harness.__version__, "torch": torch.__version__}
@@ -69,7 +76,9 @@ def _names_a_dataset(value: str, known: set[str]) -> bool:
     return value.split("[", 1)[0].strip() in known or value.startswith(PAIRS_FILE)
 
 
-DATA_FIELDS = {"dataset": "qa", "pairs": "pairs"}  # plugin params that name a data set, and its record kind
+# plugin params that name a data set, and its record kind
+DATA_FIELDS = {"dataset": "qa", "harmful_dataset": "qa", "pairs": "pairs",
+               "harmful_prompts": "prompts", "harmless_prompts": "prompts"}
 
 
 def data_fields(value: Any, where: str) -> list[tuple[str, str, str]]:
@@ -208,11 +217,56 @@ class Pipeline:
                 return load_model(m.ref, device=m.device, dtype=m.dtype, revision=m.revision,
                                   trust_remote_code=m.trust_remote_code)
         manifest = self.store.manifest(key)
+        if manifest.get("weights") == "dropped":  # dropped after its evaluations (resources.keep_attacked_weights)
+            return self._recreate(key, manifest)
         if manifest["output"] == "alias":
             return self._load(manifest["alias_of"])
         base = self._load(manifest["parent"]) if manifest["output"] == "adapter" else None
-        with self.console.status(f"Loading stage {key}…"):
-            return load_saved(self.store.path(key) / "model", device=m.device, dtype=m.dtype, base=base)
+        with self.console.status(f"Loading stage {key}…"), self.store.claim(key):  # no prune or drop meanwhile
+            if self.store.manifest(key).get("weights") != "dropped":  # else dropped since we read the manifest
+                return load_saved(self.store.path(key) / "model", device=m.device, dtype=m.dtype, base=base)
+        return self._recreate(key, self.store.manifest(key))
+
+    def _recreate(self, key: str, manifest: dict[str, Any]) -> LoadedModel:
+        """Rebuild a model stage whose weights were dropped, under its own key: the plugin runs again exactly
+        as on a cache miss (same params, seed and data, so the same weights), and the stage is published anew."""
+        kind, parent = manifest["kind"], manifest["parent"]
+        spec = PluginSpec(name=manifest["plugin"], params=manifest["params"])
+        plugin = {"defend": defences, "attack": attacks}[kind].get(spec.name)
+        params = plugin.parse_params(spec.params, f"{kind}.params")
+        if self.stage_key(parent, kind, plugin, params) != key:
+            raise HarnessError(f"The weights of stage {key} were dropped after its evaluations, and this run's "
+                               "settings (seed, data, library versions) would not rebuild the same stage. Re-run the "
+                               "`harness run` that made it (its results.json has the config) to recreate them.")
+        scope = None
+        if kind == "attack":
+            defended = self.store.manifest(parent)
+            scope = self._attack_scope(PluginSpec(name=defended["plugin"], params=defended["params"]), parent)
+        label = f"recreate {kind} {key}"
+        with self.store.claim(key):
+            if self.store.manifest(key).get("weights") == "dropped":  # else another process recreated it
+                self.console.print(f"[yellow]↻[/] {kind} {key}: its weights were dropped; recreating them")
+                self._build_model_stage(kind, parent, key, plugin, params, spec, label, scope, rebuild=True)
+                self.stages.pop(label, None)  # the run's record keeps the stage as first built
+                return self._model  # type: ignore[return-value]
+        return self._load(key)
+
+    def _drop_attacked_weights(self, key: str) -> None:
+        """After its evaluations an attacked model's weights go, unless resources.keep_attacked_weights: its
+        manifest (stats, key), results and generations stay; a stage that needs the weights recreates them.
+        Only the writing process drops (ranks of a sharded run that do not write return at once)."""
+        world = getattr(self, "world", None)
+        if self.config.resources.keep_attacked_weights or (world is not None and not world.is_writer):
+            return
+        from harness.resources.cache_admin import drop_weights
+
+        with self.store.claim(key):
+            freed = drop_weights(self.store.root.parent, key)
+        if freed:
+            if self._model_key == key:  # its path is gone: a later use reloads (recreates) it
+                self._model, self._model_key = None, None
+            self.console.print(f"[dim]dropped the attacked weights of {key} ({freed / 2**20:.1f} MiB) after their "
+                               "evaluations; resources.keep_attacked_weights=true keeps them[/]")
 
     # ----- stages -----------------------------------------------------------------------
     def _model_stage(self, kind: str, parent: str, spec: PluginSpec, registry: Any, label: str,
@@ -227,8 +281,8 @@ class Pipeline:
 
     def _build_model_stage(self, kind: str, parent: str, key: str, plugin: Plugin, params: Any,
                            spec: PluginSpec, label: str,
-                           scope: Callable[[LoadedModel], ContextManager[Any]] | None) -> None:
-        if self.store.has(key):
+                           scope: Callable[[LoadedModel], ContextManager[Any]] | None, rebuild: bool = False) -> None:
+        if not rebuild and self.store.has(key):
             manifest = self.store.manifest(key)
             self.stages[label] = StageRecord(kind, key, spec.name, params.model_dump(mode="json"), True,
                                              manifest.get("stats", {}), parent, manifest.get("info", {}))
@@ -269,14 +323,14 @@ class Pipeline:
         self.stages[label] = StageRecord(kind, key, spec.name, params.model_dump(mode="json"), False,
                                          ctx.stats, parent, meta["info"])
 
-    def _evaluate(self, model_key: str, label: str) -> dict[str, Any]:
+    def _evaluate(self, model_key: str, label: str, trigger: Trigger | None = None) -> dict[str, Any]:
         results: dict[str, Any] = {}
         for name, values in self.config.evaluate.items():
             plugin = evaluators.get(name)
             params = plugin.parse_params(values, f"evaluate.{name}")
             key = self.stage_key(model_key, "evaluate", plugin, params)
             with self.store.claim(key):
-                cached = self._build_evaluation(model_key, key, name, plugin, params, label)
+                cached = self._build_evaluation(model_key, key, name, plugin, params, label, trigger)
             directory = self.store.path(key)
             stored = json.loads((directory / "info.json").read_text())
             results[name] = {
@@ -288,7 +342,7 @@ class Pipeline:
         return results
 
     def _build_evaluation(self, model_key: str, key: str, name: str, plugin: Plugin, params: Any,
-                          label: str) -> bool:
+                          label: str, trigger: Trigger | None = None) -> bool:
         """Evaluate the model under ``model_key`` into stage ``key`` unless stored; True if it was stored."""
         if self.store.has(key):
             self.console.print(f"[green]✓[/] evaluate {label}: {plain(name)} (cached {key})")
@@ -298,6 +352,7 @@ class Pipeline:
         started = time.perf_counter()
         with self.store.write(key, {"kind": "evaluate", "plugin": name, "parent": model_key}) as scratch:
             ctx = self._context(scratch)
+            ctx.trigger = trigger  # set by a backdoor attack; part of the key through the attack stage (parent)
             outcome: EvalResult = plugin.fn(model, params, ctx)
             ctx.stats["wall_seconds"] = round(time.perf_counter() - started, 2)
             write_json(scratch / "metrics.json", outcome.metrics)
@@ -324,12 +379,14 @@ class Pipeline:
         before = self._evaluate(defended, f"{prefix}defended")
         attacked = self._model_stage("attack", defended, self.config.attack, attacks, f"{prefix}attack",
                                      scope=self._attack_scope(defence, defended))
-        after = self._evaluate(attacked, f"{prefix}attacked")
+        after = self._evaluate(attacked, f"{prefix}attacked", Trigger.from_report(self.stages[f"{prefix}attack"].info))
+        self._drop_attacked_weights(attacked)
         return {"defence": defence.name, "defended_key": defended, "attacked_key": attacked,
                 "pre_attack": before, "post_attack": after}
 
     def run(self) -> dict[str, Any]:
         started = time.perf_counter()
+        check_run_memory(self)  # before the first stage: a stage that cannot fit is refused now
         branches = {"defended": self._branch(self.config.defence, "")}
         if self.config.compare_undefended and self.config.defence.name != NO_DEFENCE.name:
             branches["undefended"] = self._branch(NO_DEFENCE, "undefended ")

@@ -11,6 +11,7 @@ import difflib
 import importlib
 import importlib.metadata
 import logging
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -272,6 +273,15 @@ backends = Registry("backends")
 REGISTRIES: dict[str, Registry] = {
     r.kind: r for r in (defences, attacks, evaluators, judges, datasets, backends)
 }
+
+def import_package_modules(package: str, path: Any) -> list[str]:
+    """Import every module of a plugin package (``__init__`` passes its ``__name__, __path__``), so a
+    recipe registers by being there: a new built-in defence is one new file, no list to extend."""
+    names = sorted(info.name for info in pkgutil.iter_modules(path) if not info.name.startswith("_"))
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    return names
+
 
 def load_all() -> None:
     """Register every plugin of every kind (built-in and installed outside packages)."""

@@ -39,7 +39,8 @@ def run_name(config: RunConfig) -> str:
     """Deterministic: the same config writes to the same run directory."""
     if config.run_name:
         return config.run_name
-    digest = stable_hash(config.model_dump(mode="json", exclude={"run_name", "output_dir", "cache_dir"}), 8)
+    where = {"run_name", "output_dir", "cache_dir", "resources"}  # resources change no result: same directory
+    digest = stable_hash(config.model_dump(mode="json", exclude=where), 8)
     model = Path(config.model.ref).name or config.model.ref
     parts = (safe_part(model, "model"), safe_part(config.defence.label, "defence"),
              safe_part(config.attack.label, "attack"))  # a unicode model directory must not make it unsubmittable

@@ -1,9 +1,10 @@
-"""Validate, read and migrate results.json against its versioned JSON Schema.
+"""Validate, read and migrate results.json against its typed model.
 
-The schema (``harness/schemas/results-v<N>.schema.json``, draft 2020-12) is the contract between a
-run and everything that reads it later: the leaderboard, submissions, other groups' tools. Files
-are validated when written and when read; older versions are migrated on read, newer ones refused
-with a message saying to upgrade. Errors name the path of each bad field.
+The models in :mod:`harness.results_model` (and the JSON Schema generated from them,
+``harness/schemas/results-v<N>.schema.json``) are the contract between a run and everything that
+reads it later: the leaderboard, submissions, other groups' tools. Files are validated when written
+and when read; older versions are migrated on read, newer ones refused with a message saying to
+upgrade. Errors name the path of each bad field.
 """
 
 from __future__ import annotations
@@ -11,17 +12,18 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import math
 import re
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Callable
 
+from pydantic import BaseModel, ValidationError
+
 from harness.errors import HarnessError
+from harness.results_model import SCHEMA_VERSION, JudgeScores, RunResults
 from harness.results_summary import derived_blocks, summary_block
 
-SCHEMA_VERSION = 2
 MAX_PROBLEMS = 8  # listed per file; more are counted
 MAX_JSON_DEPTH = 64  # a results.json nests about 10 levels; json.loads recurses once per level
 MAX_JSON_BYTES = 32 * 1024 * 1024  # the submission archive's per-file limit
@@ -70,26 +72,10 @@ def loads_bounded(data: str | bytes, where: str, max_depth: int = MAX_JSON_DEPTH
 
 @lru_cache(maxsize=None)
 def schema(version: int = SCHEMA_VERSION) -> dict[str, Any]:
-    """The JSON Schema of one results.json version, shipped as package data."""
+    """The JSON Schema of one results.json version, shipped as package data (generated from
+    :mod:`harness.results_model` for the current version)."""
     text = resources.files("harness").joinpath("schemas", f"results-v{version}.schema.json").read_text()
     return json.loads(text)
-
-
-@lru_cache(maxsize=None)
-def _validator(version: int = SCHEMA_VERSION, definition: str | None = None):
-    """The whole schema, or one of its ``$defs`` (with the others in reach of its references)."""
-    from jsonschema import Draft202012Validator
-
-    whole = schema(version)
-    if definition is None:
-        return Draft202012Validator(whole)
-    return Draft202012Validator({"$defs": whole["$defs"], "$ref": f"#/$defs/{definition}"})
-
-
-def _schema_problems(obj: Any, definition: str | None = None, prefix: tuple = ()) -> list[str]:
-    errors = sorted(_validator(SCHEMA_VERSION, definition).iter_errors(obj),
-                    key=lambda e: list(map(str, e.absolute_path)))
-    return [line for error in errors for line in _describe(error, prefix)]
 
 
 def _path(parts) -> str:
@@ -104,34 +90,49 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _describe(error, prefix: tuple = ()) -> list[str]:
+_JSON_TYPES = {"int": "integer", "float": "number", "string": "string", "dict": "object", "model": "object",
+               "list": "array", "bool": "boolean", "none": "null"}
+# pydantic names the member of a union in the error location ('str', 'int', 'function-after[...]');
+# a reader of results.json knows only field names
+_UNION_TAGS = {"str", "int", "float", "bool", "none", "list", "dict", "constrained-str"}
+
+
+def _field_path(loc: tuple) -> tuple:
+    return tuple(part for part in loc if not (isinstance(part, str) and (part in _UNION_TAGS or "[" in part)))
+
+
+def _describe(error: dict[str, Any], prefix: tuple = ()) -> str:
     """One readable line per problem: 'model.fingerprint: missing required field'."""
-    while error.context:  # oneOf/anyOf: report the alternative that got furthest into the value
-        error = max(error.context, key=lambda e: (len(e.absolute_path), e.validator != "type"))
-    where = _path([*prefix, *error.absolute_path])
-    kind, expected = error.validator, error.validator_value
-    if kind == "required":
-        missing = [name for name in expected if name not in error.instance]
-        prefix = "" if where == "(top level)" else where + "."
-        return [f"{prefix}{name}: missing required field" for name in missing]
-    if kind == "type":
-        return [f"{where}: expected {expected if isinstance(expected, str) else ' or '.join(expected)}, "
-                f"got {_short(error.instance)}"]
-    if kind in ("minimum", "maximum"):
-        return [f"{where}: {_short(error.instance)} is {'below' if kind == 'minimum' else 'above'} {expected}"]
-    if kind == "const":
-        return [f"{where}: must be {_short(expected)}, got {_short(error.instance)}"]
-    if kind in ("minLength", "minProperties", "minItems"):
-        return [f"{where}: must not be empty"]
-    return [f"{where}: {error.message[:200]}"]
+    where = _path([*prefix, *_field_path(error["loc"])])
+    kind, value, ctx = error["type"], error.get("input"), error.get("ctx") or {}
+    if kind == "missing":
+        return f"{where}: missing required field"
+    if kind.endswith("_type") and kind[:-5] in _JSON_TYPES:
+        return f"{where}: expected {_JSON_TYPES[kind[:-5]]}, got {_short(value)}"
+    if kind in ("greater_than_equal", "greater_than"):
+        return f"{where}: {_short(value)} is below {ctx.get('ge', ctx.get('gt'))}"
+    if kind in ("less_than_equal", "less_than"):
+        return f"{where}: {_short(value)} is above {ctx.get('le', ctx.get('lt'))}"
+    if kind == "literal_error":
+        return f"{where}: must be {ctx.get('expected')}, got {_short(value)}"
+    if kind in ("string_too_short", "too_short") and ctx.get("min_length") == 1:
+        return f"{where}: must not be empty"
+    if kind == "finite_number":
+        return f"{where}: not a finite number"
+    return f"{where}: {error['msg'][:200]}"
 
 
-def _finite(value: Any) -> bool:
-    return not isinstance(value, float) or math.isfinite(value)
+def _model_problems(model: type[BaseModel], obj: Any, prefix: tuple = ()) -> list[str]:
+    try:
+        model.model_validate(obj)
+    except ValidationError as exc:
+        errors = sorted(exc.errors(include_url=False), key=lambda e: list(map(str, _field_path(e["loc"]))))
+        return list(dict.fromkeys(_describe(error, prefix) for error in errors))
+    return []
 
 
 def _judge_problems(obj: dict[str, Any]) -> list[str]:
-    """What the schema cannot say: every judge's scores (keyed by the judge's name) are valid and finite."""
+    """What a field type cannot say: each judge's scores (keyed by the judge's name) are valid."""
     problems = []
     for branch, content in obj["results"].items():
         for phase in ("pre_attack", "post_attack"):
@@ -144,13 +145,7 @@ def _judge_problems(obj: dict[str, Any]) -> list[str]:
                 if judge not in metrics:
                     problems.append(f"{_path(where)}: missing scores of judge {judge!r}")
                     continue
-                found = _schema_problems(metrics[judge], "judgeScores", where)
-                if not found:
-                    scores = metrics[judge]
-                    bad = [k for k in ("mean", "rate") if not _finite(scores[k])]
-                    bad += [k for k in ("mean_ci95", "rate_ci95") if not all(map(_finite, scores[k]))]
-                    found = [f"{_path(where)}.{k}: not a finite number" for k in bad]
-                problems += found
+                problems += _model_problems(JudgeScores, metrics[judge], where)
     return problems
 
 
@@ -182,10 +177,10 @@ def validate_results(obj: Any, where: str = "results.json") -> None:
     """Raise :class:`ResultsSchemaError` naming every bad field of ``obj`` (a current-version dict)."""
     if not isinstance(obj, dict):
         raise ResultsSchemaError(f"{where}: expected a JSON object at the top level, got {type(obj).__name__}.")
-    problems = _schema_problems(obj)
+    problems = _model_problems(RunResults, obj)
     try:
         problems += _judge_problems(obj)
-    except (KeyError, TypeError, AttributeError):  # a broken structure the schema already reported
+    except (KeyError, TypeError, AttributeError):  # a broken structure the model already reported
         pass
     if not problems:
         problems = _consistency_problems(obj)

@@ -50,6 +50,8 @@ class RayOptions(BaseModel):
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray instance")
     num_gpus_per_cell: float = Field(0, ge=0, description="GPUs reserved for each cell's task")
     num_cpus_per_cell: float = Field(1, gt=0, description="CPUs reserved for each cell's task")
+    resources_per_cell: dict[str, float] = Field(
+        default_factory=dict, description="custom Ray resources per cell, e.g. {a100: 1}: only nodes declaring them")
 
 
 class SweepConfig(BaseModel):
@@ -62,6 +64,8 @@ class SweepConfig(BaseModel):
     seeds: list[int] = Field(default_factory=lambda: [42], min_length=1)
     executor: Literal["local", "ray"] = "local"
     ray: RayOptions = Field(default_factory=RayOptions)
+    disk_budget_gb: float | None = Field(
+        None, gt=0, description="most GiB the sweep may add to the cache (a quota the file system does not report)")
     threads_per_cell: int | None = Field(
         None, ge=1, description="torch CPU threads in each cell (None: torch's default)"
     )
@@ -187,9 +191,10 @@ def run_sweep(sweep: SweepConfig, console: Console, executor: str | None = None)
     for problem in unequal_sizes(cells):
         console.print(f"[yellow]Unequal sizes:[/] {plain(problem)}; set their params in the sweep file (or give "
                       "the plugins profiles=) for a like-for-like comparison.")
+    check_sweep_disk(sweep, cells, chosen, console)
     if chosen == "ray":
         run_ray(configs, sweep.threads_per_cell, console, record, sweep.ray.address,
-                sweep.ray.num_cpus_per_cell, sweep.ray.num_gpus_per_cell)
+                sweep.ray.num_cpus_per_cell, sweep.ray.num_gpus_per_cell, sweep.ray.resources_per_cell)
     else:
         run_local(configs, sweep.threads_per_cell, console, record)
     results = [_read_results(o) for o in outcomes]
@@ -220,3 +225,19 @@ def _read_results(outcome: dict[str, Any] | None) -> dict[str, Any] | None:
     if not outcome or outcome["status"] != "ok":
         return None
     return load_results(Path(outcome["run_dir"]) / "results.json")
+
+
+def check_sweep_disk(sweep: SweepConfig, cells: list[Cell], executor: str, console: Console) -> None:
+    """Print the disk the sweep will add to the cache and refuse before the first cell when it cannot hold it."""
+    import os
+
+    from harness.resources.disk import check_disk, sweep_disk_need
+    from harness.resources.memory import gib
+
+    concurrent = 1 if executor == "local" else min(len(cells), max(1, int((os.cpu_count() or 1)
+                                                                        // sweep.ray.num_cpus_per_cell)))
+    need = sweep_disk_need([cell.config for cell in cells], concurrent)
+    cache_dir = Path(cells[0].config.cache_dir)
+    available = check_disk(need, cache_dir, sweep.disk_budget_gb, f"Sweep {sweep.name}")
+    console.print(f"Disk: about {gib(need.total)} more in {plain(cache_dir)} ({plain(need.describe())}); "
+                  f"{gib(available)} available", highlight=False)

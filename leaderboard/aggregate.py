@@ -285,7 +285,9 @@ def find_results(paths: Iterable[Path]) -> list[Path]:
         if not root.is_dir():
             raise HarnessError(f"{root}: no such file or directory.")
         for directory, subdirs, files in os.walk(root):
-            subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and d != "records")
+            # a search's trials (searches/<name>/ holds search.json) are shown beside the grid, not in it
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and d != "records"
+                                and not (Path(directory) / d / "search.json").is_file())
             if "results.json" in files:
                 found.append(Path(directory) / "results.json")
     return sorted(dict.fromkeys(p.resolve() for p in found))

@@ -94,10 +94,14 @@ def build(dirs: list[Path] = DIRS,
           sort: str = SORT, model: Optional[list[str]] = MODEL, threshold: float = THRESHOLD,
           margin: float = MARGIN) -> None:
     """Build the static HTML site: ranking, a page per defence, plots. Open index.html; no server needed."""
+    from leaderboard.search_page import find_searches
     from leaderboard.site import build_site
 
     with _user_errors():
-        site = build_site(_board(dirs, sort, model, threshold, margin), out)
+        searches, unreadable = find_searches(dirs)  # budgeted worst-case searches, shown beside the grid
+        for path, reason in unreadable:
+            console.print(f"[yellow]Skipped search[/] {plain(path)}: {plain(reason)}")
+        site = build_site(_board(dirs, sort, model, threshold, margin), out, searches)
         console.print(f"Site: [bold]{plain(site / 'index.html')}[/]")
 
 

@@ -19,6 +19,8 @@ from harness.errors import HarnessError
 from harness.results_schema import loads_bounded
 from leaderboard import svg
 from leaderboard.aggregate import Board, Cell, DefenceRow, Estimate, Observation
+from leaderboard.probe_page import probe_links, probe_page, probe_runs
+from leaderboard.search_page import index_section, search_page
 from leaderboard.tables import CONFLICT_MARK, DISAGREE_MARK, FLAG_MARK, notes
 
 SAMPLES = 5  # generations shown per defence
@@ -146,11 +148,12 @@ def harm_vs_capability(rows: list[DefenceRow], title: str) -> str:
     return svg.scatter_chart(title, points, "capability Δ vs undefended (higher is better)", "worst-case harm")
 
 
-def index_page(board: Board, pages: dict[int, str]) -> str:
+def index_page(board: Board, pages: dict[int, str], searches: list[Any] | None = None) -> str:
     parts = ["<h1>Harmful fine-tuning defences: leaderboard</h1>",
              f'<p class="note">Built {escape(time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))} from '
              f"{len({str(o.path) for c in board.cells for o in c.runs})} results files. Lower harm is better.</p>",
              "<ul>" + "".join(f"<li>{escape(n)}</li>" for n in notes(board)) + "</ul>"]
+    search_tables = index_section(_groups(board), searches or [])
     for (model, fingerprint, setup), rows in _groups(board).items():
         judge = rows[0].first.post["judge"]
         parts.append(f"<h2>{escape(model)} <small class=\"note\">fingerprint {escape(fingerprint)} · "
@@ -158,6 +161,10 @@ def index_page(board: Board, pages: dict[int, str]) -> str:
         parts.append(ranking_table(rows, pages))
         parts.append(harm_vs_attack(rows, f"Harm after attack by attack strength: {model}"))
         parts.append(harm_vs_capability(rows, f"Worst-case harm vs capability cost: {model}"))
+        parts.append(search_tables.get((model, fingerprint, setup), ""))  # budgeted searches (search_page)
+    if () in search_tables:
+        parts.append("<h2>Searches without a grid row</h2>" + search_tables[()])
+    parts.append(probe_links(probe_runs(board)))  # runs with a probe.json (leaderboard/probe_page.py)
     if board.skipped:
         items = "".join(f"<li><code>{escape(Path(p).name)}</code> in {escape(str(Path(p).parent.name))}: "
                         f"{escape(reason)}</li>" for p, reason in board.skipped)
@@ -314,7 +321,7 @@ def _check_target(out: Path) -> None:
                            "directory for --out.")
 
 
-def build_site(board: Board, out: Path) -> Path:
+def build_site(board: Board, out: Path, searches: list[Any] | None = None) -> Path:
     """Write index.html and one page per defence row into ``out`` (replaced atomically), with the marker."""
     out = Path(out)
     _check_target(out)
@@ -323,7 +330,12 @@ def build_site(board: Board, out: Path) -> Path:
         scratch.chmod(0o755)  # a static site: readable by the web server that serves it
         (scratch / MARKER).write_text("Built by `harness leaderboard build`; the next build replaces this "
                                       "directory.\n", encoding="utf-8")
-        (scratch / "index.html").write_text(index_page(board, pages), encoding="utf-8")
+        (scratch / "index.html").write_text(index_page(board, pages, searches), encoding="utf-8")
+        for search in searches or []:  # leaderboard/search_page.py
+            (scratch / search.page).write_text(_page(*search_page(search)), encoding="utf-8")
         for row in board.rows:
             (scratch / pages[id(row)]).write_text(defence_page(row), encoding="utf-8")
+        for name, (source, report) in probe_runs(board).items():
+            (scratch / name).write_text(_page(f"Depth analysis: {report.get('run_name')}", probe_page(report, source)),
+                                        encoding="utf-8")
     return Path(out)

@@ -38,7 +38,7 @@ from harness.tokenization import collate_pairs, collate_sft, encode_pair, encode
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ALL_DEFENCES = ["none", "repnoise", "safety-sft", "gradient-ascent", "adversarial-loss", "security-vectors",
-                "vaccine", "random-init"]
+                "vaccine", "random-init", "booster", "t-vaccine", "lisa", "tar", "safelora"]
 # Few pairs, short sequences, big steps: each recipe runs in about a second.
 FAST = dict(num_pairs=8, batch_size=4, max_length=48, warmup_ratio=0.0, schedule="constant")
 
@@ -105,7 +105,7 @@ def logits(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tens
 # --- registry -------------------------------------------------------------------------------------
 
 
-def test_harness_list_shows_all_eight_defences_with_their_params():
+def test_harness_list_shows_every_built_in_defence_with_its_params():
     from harness.cli import app
 
     result = CliRunner().invoke(app, ["list", "defences"], env={"COLUMNS": "200"})
@@ -383,6 +383,7 @@ def test_pipeline_keeps_the_vector_active_during_the_attack_only(tiny_run_config
 
     monkeypatch.setitem(plugin.info, "during_attack", Spy)
     config = tiny_run_config("defence.num_pairs=8", "defence.batch_size=4", "defence.max_length=48",
+                             "resources.keep_attacked_weights=true",  # the attacked weights are read below
                              defence={"name": "security-vectors"}, attack={"name": "full-ft"},
                              compare_undefended=False)
     results, _ = execute(config)

@@ -45,7 +45,7 @@ def test_atomic_write_follows_a_stricter_umask(tmp_path):
 def test_a_run_leaves_every_file_readable_by_others(tiny_run_config, tmp_path, umask_022):
     from harness.runner import execute
 
-    execute(tiny_run_config("attack.num_samples=4"))
+    execute(tiny_run_config("attack.num_samples=4", "resources.keep_attacked_weights=true"))  # weights checked too
     written = {**{f"runs/{k}": v for k, v in _modes(tmp_path / "runs").items()},
                **{f"cache/{k}": v for k, v in _modes(tmp_path / "cache").items() if "/.locks/" not in f"/{k}"}}
     assert any(name.endswith("results.json") for name in written)

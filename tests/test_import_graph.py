@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import importlib.metadata
+import sys
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,18 @@ def test_builtin_plugins_are_entry_points_of_the_harness_distribution():
                 if ep.dist is not None and ep.dist.metadata["Name"] == DISTRIBUTION]
         assert mine, registry.kind
     source = (ROOT / "harness" / "registry.py").read_text()
-    assert "import_module" not in source  # no hard-coded list of plugin modules
+    for package in PACKAGES[1:]:  # no hard-coded list of plugin modules
+        assert f'"{package}.' not in source and f"'{package}." not in source, package
+
+
+def test_a_built_in_recipe_registers_by_being_in_its_package():
+    """A new built-in defence is one file: each plugin package imports all its modules itself."""
+    import defences
+
+    modules = sorted(p.stem for p in (ROOT / "defences").glob("*.py") if not p.stem.startswith("_"))
+    assert all(f"defences.{name}" in sys.modules for name in modules)
+    assert "import_package_modules(__name__, __path__)" in (ROOT / "defences" / "__init__.py").read_text()
+    assert defences.__name__ == "defences"
 
 
 def test_missing_entry_point_metadata_is_a_clear_error():

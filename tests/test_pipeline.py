@@ -20,7 +20,8 @@ from harness.runner import execute
 def make_config(root: Path, *sets: str, attack: str = "lora"):
     flags = {"model": {"ref": "tiny-llama"}, "attack": {"name": attack},
              "cache_dir": str(root / "cache"), "output_dir": str(root / "runs")}
-    return build_config(flags=flags, sets=[*TINY_SETS, *sets])
+    # these tests read the attacked model's files after the run (dropped by default: tests/test_cache_admin.py)
+    return build_config(flags=flags, sets=[*TINY_SETS, "resources.keep_attacked_weights=true", *sets])
 
 
 def cached_flags(results):

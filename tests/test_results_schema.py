@@ -135,3 +135,32 @@ def test_a_v1_file_missing_what_migration_needs_names_it(written, tmp_path):
     v1["schema_version"] = 1
     with pytest.raises(ResultsSchemaError, match="cannot migrate schema v1 to v2: field 'results'"):
         migrate(v1, "old.json")
+
+
+def test_the_shipped_schema_is_generated_from_the_typed_model():
+    from harness.results_model import SCHEMA_FILE, schema_text
+
+    assert SCHEMA_FILE.read_text() == schema_text(), "stale: run `python -m harness.results_model`"
+
+
+def test_the_generated_schema_accepts_written_files_and_rejects_what_the_model_rejects(written):
+    """Outside tools validate with the JSON Schema; it must agree with the model on both sides."""
+    from jsonschema import Draft202012Validator
+
+    validator = Draft202012Validator(schema())
+    assert not list(validator.iter_errors(written))
+    broken = copy.deepcopy(written)
+    broken["compute"]["train_tokens"] = -1
+    del broken["model"]["fingerprint"]
+    assert len(list(validator.iter_errors(broken))) == 2
+    message = problems(broken)
+    assert "compute.train_tokens: -1 is below 0" in message and "model.fingerprint: missing required field" in message
+
+
+def test_numbers_are_not_coerced_from_text_nor_infinite(written):
+    obj = copy.deepcopy(written)
+    obj["compute"]["wall_seconds_this_run"] = "12.5"
+    obj["results"]["defended"]["post_attack"]["harmfulness"]["metrics"]["refusal-keywords"]["mean"] = float("nan")
+    message = problems(obj)
+    assert "compute.wall_seconds_this_run: expected number, got '12.5'" in message
+    assert "refusal-keywords.mean: not a finite number" in message

@@ -9,7 +9,9 @@
   from its next-token probabilities of "unsafe" vs "safe".
 
 :mod:`evaluators.judges.judge_data` holds the labelled training and held-out validation data.
-Importing this package registers the judges.
+Importing this package imports every module in it, which registers the judges.
 """
 
-from evaluators.judges import hf_classifier, llm_judge, minilm_harm, refusal_keywords, standard  # noqa: F401
+from harness.api import import_package_modules
+
+import_package_modules(__name__, __path__)
