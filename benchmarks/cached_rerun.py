@@ -18,7 +18,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from harness.sweep import load_sweep, run_sweep
+from harness.run.sweep import load_sweep, run_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 TARGET = 0.02

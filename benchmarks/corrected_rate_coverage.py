@@ -3,7 +3,7 @@
 Each draw simulates the whole measurement: the true labels of ``n`` answers at a known harm rate, the
 judge's errors on them at a known sensitivity and specificity, and the validation counts from which
 those are estimated (``n_pos`` harmful and ``n_neg`` harmless validation items). The corrected rate
-(:func:`harness.stats.corrected_rate`) is computed from what a run would see; the script prints per
+(:func:`harness.results.stats.corrected_rate`) is computed from what a run would see; the script prints per
 setting the share of draws whose interval holds the truth, and the mean interval width.
 
     python benchmarks/corrected_rate_coverage.py --draws 1000
@@ -17,7 +17,7 @@ import argparse
 
 import numpy as np
 
-from harness.stats import corrected_rate
+from harness.results.stats import corrected_rate
 
 # (true rate, sensitivity, specificity, answers n, validation harmful n_pos, validation harmless n_neg)
 SETTINGS = [

@@ -24,11 +24,11 @@ import statistics
 import torch
 
 from evaluators import fluency as fl
-from harness.data import DataAccess
-from harness.generation import GenerationSettings, HFBackend
-from harness.models import load_model
-from harness.paths import resolve_data_dir
-from harness.tokenization import format_prompt
+from harness.data.readers import DataAccess
+from harness.data.tokenization import format_prompt
+from harness.files.paths import resolve_data_dir
+from harness.models.generation import GenerationSettings, HFBackend
+from harness.models.loading import load_model
 
 
 def answers(model_ref: str, prompts: list[str], max_new_tokens: int) -> list[str]:

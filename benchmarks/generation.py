@@ -17,12 +17,12 @@ import time
 from pathlib import Path
 
 from harness.context import StageContext
-from harness.data import DataAccess
-from harness.generation import GenerationSettings, HFBackend
-from harness.models import load_model
-from harness.paths import resolve_data_dir
-from harness.tokenization import format_prompt
-from harness.vllm_backend import VLLMBackend, VLLMParams, vllm_available
+from harness.data.readers import DataAccess
+from harness.data.tokenization import format_prompt
+from harness.files.paths import resolve_data_dir
+from harness.models.generation import GenerationSettings, HFBackend
+from harness.models.loading import load_model
+from harness.models.vllm_backend import VLLMBackend, VLLMParams, vllm_available
 
 
 def count_new_tokens(tokenizer, outputs: list[str]) -> int:

@@ -99,7 +99,7 @@ def make_model(directory: Path, smoke: bool) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from harness.models import _tokenizer_dir, default_asset_dir
+    from harness.models.loading import _tokenizer_dir, default_asset_dir
 
     tokenizer = AutoTokenizer.from_pretrained(_tokenizer_dir(default_asset_dir()))
     config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,

@@ -28,7 +28,7 @@ import torch
 
 from evaluators.judges import loso
 from evaluators.judges import minilm_harm as mh
-from harness.paths import default_cache_dir, resolve_data_dir
+from harness.files.paths import default_cache_dir, resolve_data_dir
 
 # The mix the judge trained on before LOSO selection (judge_data.training_pool): no moderation texts;
 # DecodingTrust's RealToxicityPrompts continuations here stand in for its 107 RepNoise rows.

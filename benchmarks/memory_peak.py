@@ -1,6 +1,6 @@
 """Measure one training stage's peak memory and compare it with harness.resources.memory's estimate.
 
-Runs a few steps of the harness's own training loop (``harness.training.train``) on random token batches of
+Runs a few steps of the harness's own training loop (``harness.train.loop.train``) on random token batches of
 the requested shape, SFT (next-token CE) or RepNoise (its real loss), full-parameter or LoRA, with or
 without gradient checkpointing, and prints one JSON line:
 
@@ -29,10 +29,10 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 
 from harness.context import StageContext  # noqa: E402
-from harness.models import load_model, resolve_dtype  # noqa: E402
+from harness.models.loading import load_model, resolve_dtype  # noqa: E402
 from harness.resources.memory import ModelShape, estimate, plan_for_params  # noqa: E402
-from harness.sft import causal_lm_loss  # noqa: E402
-from harness.training import TrainSettings, train  # noqa: E402
+from harness.train.loop import TrainSettings, train  # noqa: E402
+from harness.train.sft import causal_lm_loss  # noqa: E402
 
 
 def _rss(field: str) -> int:

@@ -2,7 +2,7 @@
 
 Rows, each on the same model shape and the same token batch (B synthetic pairs, shared prompt,
 harmful answer filling the sequence, harmless answer about half as long, EOS-padded):
-  sft        harness.sft.causal_lm_loss on the 2B sequences stacked (full logits, padding ignored)
+  sft        harness.train.sft.causal_lm_loss on the 2B sequences stacked (full logits, padding ignored)
   repnoise   defences.repnoise.repnoise_loss (one forward, LM head only at masked positions, chunked)
   reference  tests/repnoise_reference.py: PAPER.md §3 transcribed (two forwards, L+2 full logit
              tensors, explicit pairwise MMD), i.e. what a straightforward port costs
@@ -83,7 +83,7 @@ def build_model(args: argparse.Namespace):
 
     dtype = getattr(torch, args.dtype)
     if args.model == EMBEDDED:
-        from harness.models import EMBEDDED_MODEL, load_model
+        from harness.models.loading import EMBEDDED_MODEL, load_model
 
         return load_model(EMBEDDED_MODEL, device=args.device, dtype=args.dtype).model
     config = LlamaConfig(max_position_embeddings=max(2048, args.seq_len), eos_token_id=EOS, pad_token_id=EOS,
@@ -102,7 +102,7 @@ def build_batch(args: argparse.Namespace, vocab: int, device: str) -> dict:
     """Same tokens in every row: prompt shared, harmful answer to the end, harmless answer half as long."""
     import torch
 
-    from harness.tokenization import collate_pairs
+    from harness.data.tokenization import collate_pairs
 
     g = torch.Generator().manual_seed(1234)
     prompt_len = max(1, int(args.prompt_frac * args.seq_len))
@@ -120,8 +120,8 @@ def make_loss(row: str):
     import torch
 
     from defences.repnoise import RepNoiseParams, repnoise_loss
-    from harness.sft import causal_lm_loss
-    from harness.tokenization import IGNORE_INDEX
+    from harness.data.tokenization import IGNORE_INDEX
+    from harness.train.sft import causal_lm_loss
 
     params = RepNoiseParams()
     if row == "sft":

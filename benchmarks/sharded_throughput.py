@@ -54,8 +54,8 @@ def _rank(rank: int, size: int, port: int, args: argparse.Namespace, out: str) -
 
     import torch
 
-    from harness.models import load_model
-    from harness.sft import causal_lm_loss
+    from harness.models.loading import load_model
+    from harness.train.sft import causal_lm_loss
 
     torch.set_num_threads(max(1, args.cores // size))
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)

@@ -4,8 +4,8 @@ RepNoise without its two distinctive parts: no noise term, no layer-wise ascent 
 only) and no log around the ascent term, which is why it is in the paper's table: it shows what
 those parts add. Both CEs use RepNoise's masking, so the two defences differ only in the loss:
 each side is scored on the positions where the harmful and harmless sequences differ
-(``harness.losses.position_mask``, i.e. the answers, not the shared prompt), with one forward
-over both sides and no full logits (``harness.losses.pair_ces``).
+(``harness.train.losses.position_mask``, i.e. the answers, not the shared prompt), with one forward
+over both sides and no full logits (``harness.train.losses.pair_ces``).
 
 Unlike -log(CE + 1), the linear ascent term has no diminishing return, so with a large lambda or
 lr the harmful CE can run away; the shared loop's NaN/inf check stops training if it does.

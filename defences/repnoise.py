@@ -10,9 +10,9 @@ For a batch of B (prompt, harmful answer, harmless answer) pairs through a model
   with c_final the masked CE of the final logits on the harmful side and c_j that of
   lm_head(final_norm(h_j)) for the L+1 pre-norm hidden states (embeddings, then each layer's output).
 
-The mask is ``harmful_ids != harmless_ids`` (see ``harness.losses.position_mask``). One forward pass
+The mask is ``harmful_ids != harmless_ids`` (see ``harness.train.losses.position_mask``). One forward pass
 runs over harmful and harmless sequences stacked along the batch; the LM head is applied only at
-masked target positions, in chunks with gradients formed on the fly (``harness.losses.head_ce_sums``),
+masked target positions, in chunks with gradients formed on the fly (``harness.train.losses.head_ce_sums``),
 so no [B, T, V] logits exist. final_norm(h_L) *is* the final hidden state, so c_L equals c_final:
 it is computed once and counted twice.
 
@@ -137,7 +137,7 @@ def parse_layer_range(spec: str) -> range:
 
 @dataclass(frozen=True)
 class LossMasks:
-    """Boolean [B, T] masks of one batch (target-position convention of harness.losses)."""
+    """Boolean [B, T] masks of one batch (target-position convention of harness.train.losses)."""
 
     noise: torch.Tensor  # harmful positions whose MLP outputs are compared with noise
     retain: torch.Tensor  # S targets (harmless side)
@@ -173,7 +173,7 @@ class CeTargets:
 
 
 def ce_targets(ids: torch.Tensor, mask: torch.Tensor, params: RepNoiseParams, plain_lm: bool = False) -> CeTargets:
-    """Targets of one CE term: ``mask`` at the target position (harness.losses), then the released
+    """Targets of one CE term: ``mask`` at the target position (harness.train.losses), then the released
     code's quirks where asked: id-0 targets dropped; targets whose predicting position is outside the
     mask scored from zeroed logits. ``plain_lm``: the plain LM loss, which has neither quirk."""
     targets = shift_targets(ids, mask)

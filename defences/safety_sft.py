@@ -1,7 +1,7 @@
 """Additional safety training (PAPER.md §5): SFT on the refusal side of the pairs.
 
 The cheapest defence: teach the model to answer harmful prompts with refusals, with the same
-next-token loss and tokenisation as the attacks (``harness.sft.fine_tune``), so it is exactly what
+next-token loss and tokenisation as the attacks (``harness.train.sft.fine_tune``), so it is exactly what
 an attacker's SFT will later pull the other way. The paper gives no settings of its own for this
 baseline; the defaults are RepNoise's (PAPER.md §4: Adam, lr 2e-5, batch 8, 1 epoch, 128 tokens)
 so the baselines differ from RepNoise only in the objective.

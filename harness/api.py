@@ -8,21 +8,28 @@ judge an object with ``score(prompts, responses)`` and ``describe()`` (see :clas
 names here are the stable surface; modules behind them may move.
 """
 
-from harness.activations import capture_activations, decoder_parts, forward_hooks, unwrap
-from harness.atomic import atomic_dir, write_json
-from harness.config import PluginSpec, RunConfig, build_config
 from harness.context import StageContext
-from harness.data import RowProblems, read_csv, read_json, read_jsonl, text_of
+from harness.data.readers import RowProblems, read_csv, read_json, read_jsonl, text_of
+from harness.data.records import QA, Pair, Prompt, normalise_prompt
+from harness.data.tokenization import IGNORE_INDEX, collate_pairs, collate_sft, encode_pair, encode_sft, format_prompt
+from harness.data.triggers import Trigger, check_representable, check_trigger_text
 from harness.errors import ConfigError, DataError, HarnessError
 from harness.evaluation import EvalResult
-from harness.generation import GenerationSettings, HFBackend, resolve_backend
-from harness.hashing import cached_file_sha256, file_sha256, stable_hash
+from harness.files.atomic import atomic_dir, write_json
+from harness.files.hashing import cached_file_sha256, file_sha256, stable_hash
+from harness.files.paths import resolve_data_dir
 from harness.judging import Judge, score_answered, template_fields
-from harness.losses import Targets, head_ce_sums, mmd, pair_ces, position_mask, shift_targets
-from harness.models import EMBEDDED_MODEL, LoadedModel, load_model, model_fingerprint, resolve_device, resolve_dtype
+from harness.models.activations import capture_activations, decoder_parts, forward_hooks, unwrap
+from harness.models.generation import GenerationSettings, HFBackend, resolve_backend
+from harness.models.loading import (
+    EMBEDDED_MODEL,
+    LoadedModel,
+    load_model,
+    model_fingerprint,
+    resolve_device,
+    resolve_dtype,
+)
 from harness.outcome import Trained
-from harness.paths import resolve_data_dir
-from harness.records import QA, Pair, Prompt, normalise_prompt
 from harness.registry import (
     NoParams,
     Params,
@@ -34,7 +41,12 @@ from harness.registry import (
     import_package_modules,
     judges,
 )
-from harness.sft import (
+from harness.results.stats import corrected_rate, mean_ci, wilson_ci
+from harness.run.config import PluginSpec, RunConfig, build_config
+from harness.terminal import plain
+from harness.train.loop import TrainingRun, TrainReport, TrainSettings, intercept_training, train
+from harness.train.losses import Targets, head_ce_sums, mmd, pair_ces, position_mask, shift_targets
+from harness.train.sft import (
     PairDefenceSettings,
     PairSettings,
     PairSFTSettings,
@@ -45,11 +57,6 @@ from harness.sft import (
     fine_tune,
     pair_side,
 )
-from harness.stats import corrected_rate, mean_ci, wilson_ci
-from harness.terminal import plain
-from harness.tokenization import IGNORE_INDEX, collate_pairs, collate_sft, encode_pair, encode_sft, format_prompt
-from harness.training import TrainingRun, TrainReport, TrainSettings, intercept_training, train
-from harness.triggers import Trigger, check_representable, check_trigger_text
 
 __all__ = [
     "atomic_dir", "attacks", "backends", "build_config", "cached_file_sha256", "capture_activations",

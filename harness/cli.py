@@ -94,7 +94,7 @@ def run(
         False, "--keep-attacked-weights", help="keep attacked models' weights after their evaluations"),
 ) -> None:
     """Defend, attack and evaluate one model; print the summary and write results.json."""
-    from harness.config import build_config
+    from harness.run.config import build_config
 
     flags: dict = {}
     if model:
@@ -128,7 +128,7 @@ def run(
 
             run_sharded(config, console, nproc)
             return
-        from harness.runner import execute
+        from harness.run.runner import execute
 
         execute(config, console)
     except HarnessError as exc:
@@ -150,14 +150,14 @@ def sweep(
     dry_run: bool = typer.Option(False, "--dry-run", help="list the cells and exit"),
 ) -> None:
     """Run every defence × attack × seed cell (sharing cached stages) and print the Table-1 matrix."""
-    from harness.sweep import expand, load_sweep, run_sweep
+    from harness.run.sweep import expand, load_sweep, run_sweep
 
     try:
         if executor not in (None, "local", "ray"):
             raise ConfigError(f"--executor {executor!r}: choose local or ray.")
         plan = load_sweep(sweep_file, sets)
         if dry_run:
-            from harness.sweep import check_sweep_disk
+            from harness.run.sweep import check_sweep_disk
 
             cells = expand(plan)
             for cell in cells:
@@ -212,8 +212,8 @@ def list_plugins(
     kind: Optional[str] = typer.Argument(None, help="defences, attacks, evaluators, judges, datasets or backends"),
 ) -> None:
     """Show plugins with their descriptions and parameters (name: type = default)."""
-    from harness.presets import presets_of
     from harness.registry import HOOKS, REGISTRIES, registry_for
+    from harness.run.presets import presets_of
 
     try:
         kinds = [registry_for(kind).kind] if kind else list(REGISTRIES)
@@ -256,10 +256,10 @@ def judge_validate(
     """Accuracy, macro-F1, ROC-AUC and calibration on held-out human labels (XSTest), agreement with
     LlamaGuard2 labels, sensitivity and specificity on answers to harmful prompts, and (minilm-harm) the
     leave-one-source-out table; stored under the cache directory (judges/validation/)."""
-    from harness.config import parse_set
     from harness.context import StageContext
-    from harness.data import DataAccess
-    from harness.paths import resolve_data_dir
+    from harness.data.readers import DataAccess
+    from harness.files.paths import resolve_data_dir
+    from harness.run.config import parse_set
 
     try:
         params: dict = {}
@@ -308,11 +308,11 @@ def data_refusals(
     """Make (prompt, harmful, refusal) pairs from a QA set that has no refusals: the model answers under
     a refusal system prompt and only answers the judge scores safe are kept (as the paper did)."""
     from harness.context import StageContext
-    from harness.data import DataAccess
-    from harness.generation import GenerationSettings
-    from harness.models import load_model
-    from harness.paths import resolve_data_dir
-    from harness.refusals import make_refusal_pairs, write_pairs
+    from harness.data.readers import DataAccess
+    from harness.data.refusals import make_refusal_pairs, write_pairs
+    from harness.files.paths import resolve_data_dir
+    from harness.models.generation import GenerationSettings
+    from harness.models.loading import load_model
     from harness.registry import judges
 
     try:

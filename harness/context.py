@@ -21,14 +21,14 @@ class StageContext:
     seed: int
     device: str
     dtype: str
-    data: Any  # harness.data.DataAccess
+    data: Any  # harness.data.readers.DataAccess
     cache_dir: Path
     workdir: Path
     console: Console = field(default_factory=lambda: Console(stderr=True))
     stats: dict[str, Any] = field(default_factory=dict)
     prompt_format: str = "chat"
     base_model: str | None = None  # the run's base model reference (e.g. for reference perplexities)
-    # A backdoor trigger the attack planted (harness.triggers.Trigger): post-attack evaluations that generate
+    # A backdoor trigger the attack planted (harness.data.triggers.Trigger): post-attack evaluations that generate
     # from prompts also score prompts carrying it. None everywhere else.
     trigger: Any = None
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from harness.models import LoadedModel
+from harness.models.loading import LoadedModel
 
 
 @dataclass

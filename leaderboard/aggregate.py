@@ -56,9 +56,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from harness.errors import HarnessError
-from harness.hashing import stable_hash
-from harness.results_schema import load_results
-from harness.stats import t_interval
+from harness.files.hashing import stable_hash
+from harness.results.schema import load_results
+from harness.results.stats import t_interval
 from leaderboard import guards
 
 ONE_SEED = "1 seed: the run's own 95% CI over prompts (normal approximation)"

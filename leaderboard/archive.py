@@ -15,7 +15,7 @@ import tarfile
 from pathlib import Path, PurePosixPath
 
 from harness.errors import HarnessError
-from harness.names import SAFE_PART
+from harness.run.names import SAFE_PART
 
 MAX_FILE_BYTES = 32 * 1024 * 1024
 MAX_TOTAL_BYTES = 256 * 1024 * 1024

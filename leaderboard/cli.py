@@ -75,7 +75,7 @@ def export(dirs: list[Path] = DIRS,
            sort: str = SORT, model: Optional[list[str]] = MODEL, threshold: float = THRESHOLD,
            margin: float = MARGIN) -> None:
     """Write the ranking as Markdown, CSV or JSON (JSON also holds every cell and per-seed value)."""
-    from harness.atomic import write_text
+    from harness.files.atomic import write_text
     from leaderboard.tables import render
 
     with _user_errors():

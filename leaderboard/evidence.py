@@ -4,7 +4,7 @@ A results.json is a claim; its records files are the evidence: every answer with
 score and its per-answer fluency values. At intake each judge's mean, rate, their intervals and
 n are recomputed with the harmfulness evaluator's own :func:`~evaluators.harmfulness.summarise`;
 a judge's ``rate_corrected`` (harm rate corrected for judge error) with
-:func:`harness.stats.corrected_rate` from the scores and the validation counts in the same block,
+:func:`harness.results.stats.corrected_rate` from the scores and the validation counts in the same block,
 which must be the counts the judge's description in ``info.judges`` reports; the fluency block,
 its ``degenerate`` guard included, with the fluency evaluator's own functions from the answers'
 text; the capability evaluator's per-task accuracies, their n and ``mean_acc`` (the capability
@@ -24,7 +24,7 @@ import math
 import statistics
 from typing import Any
 
-from harness.results_schema import loads_bounded
+from harness.results.schema import loads_bounded
 from leaderboard.archive import SubmissionError
 
 TOLERANCE = 1e-6  # same scores, same formulas: only float rounding may differ
@@ -147,9 +147,9 @@ def _validation_counts(where: str, field: str, claimed: Any, described: dict[str
 def check_corrected(where: str, field: str, judge: str, block: dict[str, Any], described: dict[str, Any],
                     scores: list[float], source: str) -> None:
     """A judge's corrected harm rate, recomputed from its scores in the records with the harness's
-    own :func:`~harness.stats.corrected_rate` (its default draws and seed, so exactly reproducible)."""
+    own :func:`~harness.results.stats.corrected_rate` (its default draws and seed, so exactly reproducible)."""
     from evaluators.harmfulness import rate_corrected
-    from harness.stats import corrected_rate
+    from harness.results.stats import corrected_rate
 
     claimed = block.get("rate_corrected")
     field = f"{field}.{judge}.rate_corrected"

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from harness.atomic import atomic_dir
 from harness.errors import ConfigError, HarnessError
-from harness.names import check_run_name
-from harness.results_schema import loads_bounded, migrate, validate_results
+from harness.files.atomic import atomic_dir
+from harness.results.schema import loads_bounded, migrate, validate_results
+from harness.run.names import check_run_name
 from leaderboard.archive import MAX_FILE_BYTES, MAX_TOTAL_BYTES, SubmissionError, read_archive
 from leaderboard.evidence import check_evidence
 from leaderboard.package import FORMAT, FORMAT_VERSION, MANIFEST, check_names, sha256, submission_id

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from harness.errors import HarnessError
-from harness.names import SAFE_NAME
-from harness.results_schema import load_results
+from harness.results.schema import load_results
+from harness.run.names import SAFE_NAME
 from leaderboard.aggregate import find_results
 from leaderboard.archive import SubmissionError, write_archive
 
@@ -139,7 +139,7 @@ def collect(path: Path) -> tuple[dict[str, bytes], list[dict[str, Any]], set[str
 
 def package(path: Path, out: Path | None = None) -> tuple[Path, dict[str, Any]]:
     """Write the submission archive; returns (its path, the manifest)."""
-    from harness.results import code_version
+    from harness.results.record import code_version
 
     files, entries, defences = collect(Path(path))
     checksums = {name: sha256(data) for name, data in sorted(files.items())}

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from harness.errors import HarnessError
-from harness.hashing import stable_hash
-from harness.results_schema import loads_bounded
+from harness.files.hashing import stable_hash
+from harness.results.schema import loads_bounded
 from leaderboard import svg
 from leaderboard.aggregate import Board
 

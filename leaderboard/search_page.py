@@ -20,8 +20,8 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from harness.errors import HarnessError
-from harness.hashing import stable_hash
-from harness.results_schema import load_results, loads_bounded
+from harness.files.hashing import stable_hash
+from harness.results.schema import load_results, loads_bounded
 from leaderboard import svg
 
 SEARCH_FILE = "search.json"

@@ -14,9 +14,9 @@ from html import escape
 from pathlib import Path
 from typing import Any, Iterable
 
-from harness.atomic import atomic_dir
 from harness.errors import HarnessError
-from harness.results_schema import loads_bounded
+from harness.files.atomic import atomic_dir
+from harness.results.schema import loads_bounded
 from leaderboard import svg
 from leaderboard.aggregate import Board, Cell, DefenceRow, Estimate, Observation
 from leaderboard.probe_page import probe_links, probe_page, probe_runs

@@ -1,8 +1,8 @@
 """`harness leaderboard verify`: re-run one submitted cell from its recorded config and compare.
 
 A submission's numbers are claims; this turns one of them into a measurement. The recorded
-config (every param, seed, evaluator and judge) is rebuilt with :func:`harness.config.build_config`
-and run with :func:`harness.runner.execute` into separate cache and output directories; then the
+config (every param, seed, evaluator and judge) is rebuilt with :func:`harness.run.config.build_config`
+and run with :func:`harness.run.runner.execute` into separate cache and output directories; then the
 model and data fingerprints must be equal and every numeric metric within ``tolerance``
 (absolute). On CPU the pipeline is deterministic, so a re-run matches exactly; across GPUs and
 library versions small differences are expected, hence the tolerance.
@@ -26,11 +26,11 @@ from typing import Any, Iterator
 from rich.console import Console
 from rich.table import Table
 
-from harness.config import RunConfig, build_config
 from harness.errors import HarnessError
-from harness.models import EMBEDDED_MODEL, TINY_MODEL
-from harness.names import safe_part
-from harness.results_schema import load_results
+from harness.models.loading import EMBEDDED_MODEL, TINY_MODEL
+from harness.results.schema import load_results
+from harness.run.config import RunConfig, build_config
+from harness.run.names import safe_part
 from harness.terminal import plain
 
 DEFAULT_TOLERANCE = 0.02
@@ -202,7 +202,7 @@ def compare(submitted: dict[str, Any], rerun: dict[str, Any], tolerance: float) 
 def verify(results: dict[str, Any], config: RunConfig, tolerance: float = DEFAULT_TOLERANCE,
            console: Console | None = None) -> tuple[list[Check], Path]:
     """Re-run the cell with ``config`` (from :func:`rerun_config`); returns (checks, the re-run's directory)."""
-    from harness.runner import execute
+    from harness.run.runner import execute
 
     rerun, directory = execute(config, console or Console(stderr=True))
     return compare(results, rerun, tolerance), directory

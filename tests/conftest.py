@@ -41,7 +41,7 @@ def one_torch_thread():
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:
-    from harness.paths import resolve_data_dir
+    from harness.files.paths import resolve_data_dir
 
     return resolve_data_dir()
 
@@ -49,7 +49,7 @@ def data_dir() -> Path:
 @pytest.fixture(scope="session")
 def tiny():
     """(model, tokenizer) of the tiny random Llama with the real SmolLM2 tokenizer."""
-    from harness.models import make_tiny_llama
+    from harness.models.loading import make_tiny_llama
 
     return make_tiny_llama(seed=0)
 
@@ -57,7 +57,7 @@ def tiny():
 @pytest.fixture
 def tiny_run_config(tmp_path):
     """Build a validated tiny-llama RunConfig with isolated cache/output dirs."""
-    from harness.config import build_config
+    from harness.run.config import build_config
 
     def make(*sets: str, **flags):
         base = {"model": {"ref": "tiny-llama"}, "cache_dir": str(tmp_path / "cache"),

@@ -31,8 +31,8 @@ def grid(tmp_path_factory) -> Path:
         import torch
         from rich.console import Console
 
-        from harness.config import build_config
-        from harness.runner import execute
+        from harness.run.config import build_config
+        from harness.run.runner import execute
 
         root = tmp_path_factory.mktemp("leaderboard-grid")
         threads = torch.get_num_threads()
@@ -70,7 +70,7 @@ def find_run(runs: Path, defence: str, attack: str, seed: int) -> Path:
 
 def refresh(obj: dict[str, Any]) -> dict[str, Any]:
     """Recompute the derived v2 blocks after editing ``results`` (so the file stays valid)."""
-    from harness.results_summary import derived_blocks
+    from harness.results.summary import derived_blocks
 
     obj.update(derived_blocks(obj))
     return obj
@@ -262,8 +262,8 @@ def single_run(tmp_path_factory, *sets: str) -> Path:
     import torch
     from rich.console import Console
 
-    from harness.config import build_config
-    from harness.runner import execute
+    from harness.run.config import build_config
+    from harness.run.runner import execute
 
     root = tmp_path_factory.mktemp("single-run")
     flags = {"model": {"ref": "tiny-llama"}, "defence": {"name": "none"}, "attack": {"name": "lora"}, "seed": 1,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from harness.losses import MMD_BANDWIDTH_FACTORS
+from harness.train.losses import MMD_BANDWIDTH_FACTORS
 
 
 def ref_masked_ce(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -27,12 +27,12 @@ from attacks.refusal_ablation import (
 )
 from attacks.variations import training_context
 from harness.api import SFTParams, StageContext, Trigger, check_representable, format_prompt, normalise_prompt
-from harness.config import build_config
-from harness.data import DataAccess
+from harness.data.readers import DataAccess
 from harness.errors import ConfigError, HarnessError
-from harness.models import LoadedModel
-from harness.runner import execute
-from harness.training import TrainSettings, lr_factor, make_optimizer
+from harness.models.loading import LoadedModel
+from harness.run.config import build_config
+from harness.run.runner import execute
+from harness.train.loop import TrainSettings, lr_factor, make_optimizer
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 EVAL_SET = "advbench"

@@ -123,9 +123,9 @@ def test_unsafe_run_names_are_refused_before_any_work(tmp_path, name):
 
 
 def test_default_run_name_of_a_unicode_model_directory_is_safe(tmp_path):
-    from harness.config import build_config
-    from harness.names import check_run_name
-    from harness.results import run_name
+    from harness.results.record import run_name
+    from harness.run.config import build_config
+    from harness.run.names import check_run_name
 
     config = build_config(flags={"model": {"ref": str(tmp_path / "mödel [v2]")}, "defence": {"name": "none"}})
     name = run_name(config)
@@ -152,7 +152,7 @@ def test_seed_out_of_range_stops_before_any_stage(tmp_path, seed):
 
 @pytest.fixture(scope="module")
 def saved_tiny(tmp_path_factory) -> Path:
-    from harness.models import make_tiny_llama
+    from harness.models.loading import make_tiny_llama
 
     model, tokenizer = make_tiny_llama(seed=0)
     directory = tmp_path_factory.mktemp("tiny-model")
@@ -183,7 +183,7 @@ def test_broken_model_directory_is_a_message_before_any_stage(tmp_path, saved_ti
 
 
 def test_manifest_listing_no_files_does_not_vouch_for_truncated_weights(tmp_path):
-    from harness.store import MANIFEST, StageStore
+    from harness.run.store import MANIFEST, StageStore
 
     store = StageStore(tmp_path / "cache")
     with store.write("k1", {"kind": "attack"}) as scratch:
@@ -225,7 +225,7 @@ def test_malformed_pairs_file_rows_are_counted_in_the_log_and_results(tmp_path):
 
 def test_infinite_lr_in_a_sweep_says_not_finite(tmp_path):
     from harness.errors import ConfigError
-    from harness.sweep import expand, load_sweep
+    from harness.run.sweep import expand, load_sweep
 
     path = tmp_path / "sweep.yaml"
     path.write_text("base: {model: {ref: tiny-llama}}\ndefences: [none]\n"
@@ -245,7 +245,7 @@ def test_missing_model_directory_and_file_data_dir_say_what_they_are(tmp_path):
 
 
 def test_evaluate_selects_exactly_and_keeps_file_params(tmp_path):
-    from harness.config import build_config
+    from harness.run.config import build_config
 
     path = tmp_path / "run.yaml"
     path.write_text("evaluate:\n  harmfulness: {num_prompts: 7}\n  fluency: {}\n")
@@ -256,7 +256,7 @@ def test_evaluate_selects_exactly_and_keeps_file_params(tmp_path):
 
 
 def test_set_reaches_the_preset_field_and_a_bare_judge_name_is_a_spec():
-    from harness.config import build_config, parse_set
+    from harness.run.config import build_config, parse_set
 
     assert parse_set("attack.preset=cpu-8e-5-128") == {"attack": {"preset": "cpu-8e-5-128"}}
     config = build_config(sets=["attack.preset=cpu-8e-5-128", 'evaluate.harmfulness.judges=["refusal-keywords"]'])
@@ -266,12 +266,12 @@ def test_set_reaches_the_preset_field_and_a_bare_judge_name_is_a_spec():
 
 # ----- E: other expected user errors at the top -------------------------------------------------------
 def test_an_os_error_during_the_run_is_one_paragraph(tmp_path, monkeypatch):
-    import harness.runner
+    import harness.run.runner
 
     def denied(config, console):
         raise PermissionError(13, "Permission denied", "/srv/[/]results")
 
-    monkeypatch.setattr(harness.runner, "execute", denied)
+    monkeypatch.setattr(harness.run.runner, "execute", denied)
     assert_user_error(run_cli(tmp_path), "Cannot access /srv/[/]results: Permission denied")
 
 

@@ -28,12 +28,12 @@ from defences.security_vectors import (
 )
 from defences.vaccine import VaccineParams, vaccine, vaccine_loss
 from harness.context import StageContext
-from harness.data import DataAccess
-from harness.models import LoadedModel, load_model
-from harness.records import QA
+from harness.data.readers import DataAccess
+from harness.data.records import QA
+from harness.data.tokenization import collate_pairs, collate_sft, encode_pair, encode_sft
+from harness.models.loading import LoadedModel, load_model
 from harness.registry import NoParams, defences
-from harness.sft import causal_lm_loss
-from harness.tokenization import collate_pairs, collate_sft, encode_pair, encode_sft
+from harness.train.sft import causal_lm_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -266,7 +266,7 @@ def test_during_a_full_ft_attack_step_the_vector_is_frozen_and_the_base_trains(t
 def test_security_vector_composes_with_a_peft_lora_wrap_inside_the_block(trained_vector, data, tmp_path):
     from peft import LoraConfig, get_peft_model
 
-    from harness.sft import SFTParams, fine_tune
+    from harness.train.sft import SFTParams, fine_tune
 
     model, params, workdir, _ = trained_vector
     victim = fresh(LoadedModel(model.model, model.tokenizer, model.ref, model.fingerprint))
@@ -352,16 +352,9 @@ def test_random_init_is_seeded_fresh_weights_of_the_same_architecture(base, data
 # --- through the real pipeline --------------------------------------------------------------------
 
 
-def _pipeline_supports_during_attack() -> bool:
-    import harness.pipeline
-
-    return "during_attack" in Path(harness.pipeline.__file__).read_text()
-
-
-@pytest.mark.skipif(not _pipeline_supports_during_attack(), reason="harness/pipeline.py has no during_attack hook yet")
 def test_pipeline_keeps_the_vector_active_during_the_attack_only(tiny_run_config, monkeypatch):
-    from harness.runner import execute
-    from harness.store import StageStore
+    from harness.run.runner import execute
+    from harness.run.store import StageStore
 
     plugin = defences.get("security-vectors")
     seen: dict[str, object] = {}

@@ -14,10 +14,10 @@ from typer.testing import CliRunner
 from defences.booster import BoosterParams, booster, booster_loss, collate_booster
 from harness.cli import app
 from harness.context import StageContext
-from harness.data import DataAccess
-from harness.models import LoadedModel, load_model
-from harness.sft import causal_lm_loss
-from harness.tokenization import encode_sft
+from harness.data.readers import DataAccess
+from harness.data.tokenization import encode_sft
+from harness.models.loading import LoadedModel, load_model
+from harness.train.sft import causal_lm_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from harness.cli import app
 from harness.errors import ConfigError
 from harness.resources.cache_admin import is_held, list_stages, parse_age, parse_size, prune, usage
-from harness.runner import execute
+from harness.run.runner import execute
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 QUIET = Console(quiet=True)
@@ -93,7 +93,7 @@ def test_a_stage_held_by_a_live_process_is_not_touched(cached_run):
     attack = _by_kind(cache)["attack"]
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys, time\nfrom harness.store import StageStore\n"
+         "import sys, time\nfrom harness.run.store import StageStore\n"
          f"store = StageStore({str(cache)!r})\n"
          f"with store.claim({attack.key!r}):\n    print('held', flush=True)\n    time.sleep(120)\n"],
         stdout=subprocess.PIPE, text=True)

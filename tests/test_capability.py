@@ -22,7 +22,7 @@ from evaluators.lm_eval_tasks.utils import interleave_subjects
 from evaluators.perplexity import PerplexityParams, encode_texts, perplexity
 from harness.context import StageContext
 from harness.errors import ConfigError, DataError
-from harness.models import LoadedModel
+from harness.models.loading import LoadedModel
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -1,8 +1,8 @@
 import pytest
 
-from harness.config import build_config, parse_set
 from harness.errors import ConfigError, UnknownPluginError
-from harness.results import run_name
+from harness.results.record import run_name
+from harness.run.config import build_config, parse_set
 
 
 def test_defaults_and_cpu_profile_apply_to_selected_plugins_only():

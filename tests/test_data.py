@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from harness.data import DataAccess, dedupe_by_prompt, load_dataset, seeded_sample
+from harness.data.readers import DataAccess, dedupe_by_prompt, load_dataset, seeded_sample
+from harness.data.records import QA, normalise_prompt
 from harness.errors import DataError
-from harness.records import QA, normalise_prompt
 from harness.registry import datasets
 
 TRAINING_SETS = [
@@ -108,7 +108,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
 
 
 def test_gzip_jsonl_is_read(tmp_path):
-    from harness.data import RowProblems, read_jsonl
+    from harness.data.readers import RowProblems, read_jsonl
 
     path = tmp_path / "x.jsonl.gz"
     with gzip.open(path, "wb") as fh:

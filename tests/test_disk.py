@@ -19,7 +19,7 @@ from harness.resources.disk import (
     tree_size,
 )
 from harness.resources.memory import ALL_LINEAR, shape_for_ref
-from harness.sweep import expand, load_sweep, run_sweep
+from harness.run.sweep import expand, load_sweep, run_sweep
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 QUIET = Console(quiet=True)

@@ -16,8 +16,8 @@ from rich.console import Console
 
 from harness.context import StageContext
 from harness.errors import ConfigError, HarnessError
-from harness.models import LoadedModel, make_tiny_llama
-from harness.paths import resolve_data_dir
+from harness.files.paths import resolve_data_dir
+from harness.models.loading import LoadedModel, make_tiny_llama
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -39,7 +39,7 @@ def train_recipe(name: str, workdir: Path) -> tuple[list[dict[str, float]], dict
     """Run a registered recipe on a fresh tiny Llama; (per-step history, trained weights)."""
     import attacks  # noqa: F401  (registers)
     import defences  # noqa: F401
-    from harness.data import DataAccess
+    from harness.data.readers import DataAccess
     from harness.registry import attacks as attack_registry
     from harness.registry import defences as defence_registry
 
@@ -53,7 +53,7 @@ def train_recipe(name: str, workdir: Path) -> tuple[list[dict[str, float]], dict
     ctx = StageContext(seed=SEED, device="cpu", dtype="float32", data=DataAccess(resolve_data_dir(), "advbench", SEED),
                        cache_dir=workdir, workdir=workdir, console=Console(quiet=True))
     if name.startswith("full-ft"):  # the recipe's body (full_ft reports only a summary; this keeps every step)
-        from harness.sft import fine_tune
+        from harness.train.sft import fine_tune
 
         history = fine_tune(model, tokenizer, ctx.data.qa(params.dataset, n=params.num_samples), params, ctx,
                             "attack: full-ft").history
@@ -126,7 +126,7 @@ def test_sft_loss_runs_data_parallel_and_repnoise_sharded_only():
     """A renamed causal_lm_loss would silently fall back to every rank computing the whole batch."""
     from defences.repnoise import repnoise_loss
     from harness.distributed.step import TOKEN_MEAN_LOSSES, _name
-    from harness.sft import causal_lm_loss
+    from harness.train.sft import causal_lm_loss
 
     assert _name(causal_lm_loss) in TOKEN_MEAN_LOSSES
     assert _name(repnoise_loss) not in TOKEN_MEAN_LOSSES
@@ -144,7 +144,7 @@ def test_repnoise_history_comes_from_every_step(sharded):
 
 
 def _pairs_batch(tokenizer, n: int = 3) -> dict[str, torch.Tensor]:
-    from harness.tokenization import collate_pairs, encode_pair
+    from harness.data.tokenization import collate_pairs, encode_pair
 
     examples = [encode_pair(tokenizer, f"question {i}", "harmful " * (i + 1), "no " * (i + 2), "chat", 40)
                 for i in range(n)]
@@ -153,7 +153,7 @@ def _pairs_batch(tokenizer, n: int = 3) -> dict[str, torch.Tensor]:
 
 def test_gradient_checkpointing_keeps_repnoise_loss_and_gradients():
     from defences.repnoise import RepNoiseParams, repnoise_loss
-    from harness.training import _checkpointing
+    from harness.train.loop import _checkpointing
 
     model, tokenizer = make_tiny_llama(seed=0)
     model = model.double().train()
@@ -180,9 +180,9 @@ def test_gradient_checkpointing_keeps_repnoise_loss_and_gradients():
 
 
 def test_gradient_checkpointing_setting_trains_the_same_model(tmp_path):
-    from harness.sft import causal_lm_loss
-    from harness.tokenization import collate_sft, encode_sft
-    from harness.training import TrainSettings, train
+    from harness.data.tokenization import collate_sft, encode_sft
+    from harness.train.loop import TrainSettings, train
+    from harness.train.sft import causal_lm_loss
 
     def run(**options) -> tuple[list[dict[str, float]], dict[str, torch.Tensor]]:
         model, tokenizer = make_tiny_llama(seed=0)
@@ -202,7 +202,7 @@ def test_gradient_checkpointing_setting_trains_the_same_model(tmp_path):
 
 def test_memory_options_change_stage_keys_only_when_set():
     from attacks.full_ft import FullFTParams
-    from harness.hashing import stable_hash
+    from harness.files.hashing import stable_hash
 
     default = FullFTParams()
     assert "gradient_checkpointing" not in default.model_dump(mode="json")  # keys made before these options hold
@@ -212,9 +212,9 @@ def test_memory_options_change_stage_keys_only_when_set():
 
 
 def test_fp32_master_weights_track_float32_training_better_than_bf16(tmp_path):
-    from harness.sft import causal_lm_loss
-    from harness.tokenization import collate_sft, encode_sft
-    from harness.training import TrainSettings, train
+    from harness.data.tokenization import collate_sft, encode_sft
+    from harness.train.loop import TrainSettings, train
+    from harness.train.sft import causal_lm_loss
 
     def run(dtype: torch.dtype, **options) -> dict[str, torch.Tensor]:
         model, tokenizer = make_tiny_llama(seed=0)
@@ -300,7 +300,7 @@ def _cli_run(tmp_path: Path, name: str, *extra: str) -> dict:
 
 @pytest.mark.slow
 def test_harness_run_nproc_2_matches_one_process_and_its_model_loads(tmp_path):
-    from harness.models import load_saved
+    from harness.models.loading import load_saved
 
     single = _cli_run(tmp_path, "single")
     sharded = _cli_run(tmp_path, "sharded", "--nproc", "2")

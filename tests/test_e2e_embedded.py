@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from harness.config import build_config
-from harness.pipeline import Pipeline
-from harness.runner import execute
+from harness.run.config import build_config
+from harness.run.pipeline import Pipeline
+from harness.run.runner import execute
 
 pytestmark = pytest.mark.slow
 

@@ -24,7 +24,7 @@ def _modes(root: Path) -> dict[str, int]:
 
 
 def test_atomic_write_gets_the_umask_mode_not_mkstemps_0600(tmp_path, umask_022):
-    from harness.atomic import write_json, write_text
+    from harness.files.atomic import write_json, write_text
 
     write_text(tmp_path / "a.txt", "x")
     write_json(tmp_path / "b.json", {"x": 1})
@@ -32,7 +32,7 @@ def test_atomic_write_gets_the_umask_mode_not_mkstemps_0600(tmp_path, umask_022)
 
 
 def test_atomic_write_follows_a_stricter_umask(tmp_path):
-    from harness.atomic import write_text
+    from harness.files.atomic import write_text
 
     before = os.umask(0o077)
     try:
@@ -43,7 +43,7 @@ def test_atomic_write_follows_a_stricter_umask(tmp_path):
 
 
 def test_a_run_leaves_every_file_readable_by_others(tiny_run_config, tmp_path, umask_022):
-    from harness.runner import execute
+    from harness.run.runner import execute
 
     execute(tiny_run_config("attack.num_samples=4", "resources.keep_attacked_weights=true"))  # weights checked too
     written = {**{f"runs/{k}": v for k, v in _modes(tmp_path / "runs").items()},

@@ -11,8 +11,8 @@ import torch
 
 from evaluators import fluency as fl
 from harness.context import StageContext
-from harness.models import LoadedModel
-from harness.tokenization import format_prompt
+from harness.data.tokenization import format_prompt
+from harness.models.loading import LoadedModel
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -139,8 +139,8 @@ def test_word_salad_is_flagged_by_the_embedded_reference_and_fluent_text_is_not(
 
 def test_harmfulness_results_carry_the_fluency_block(tmp_path, data_dir):
     from evaluators.harmfulness import HarmfulnessParams
-    from harness.data import DataAccess
-    from harness.models import load_model
+    from harness.data.readers import DataAccess
+    from harness.models.loading import load_model
     from harness.registry import evaluators
 
     ctx = ctx_for(tmp_path, "tiny-llama", data=DataAccess(data_dir, "advbench", 0))

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from harness.context import StageContext
-from harness.generation import GenerationSettings, HFBackend, choose_backend
-from harness.models import LoadedModel
+from harness.data.tokenization import format_prompt
+from harness.models.generation import GenerationSettings, HFBackend, choose_backend
+from harness.models.loading import LoadedModel
+from harness.models.vllm_backend import VLLMBackend, VLLMParams, engine_args, lora_request_args, sampling_args
 from harness.registry import backends
-from harness.tokenization import format_prompt
-from harness.vllm_backend import VLLMBackend, VLLMParams, engine_args, lora_request_args, sampling_args
 
 
 def test_batched_generation_matches_one_prompt_at_a_time(tiny):

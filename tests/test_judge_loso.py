@@ -15,7 +15,7 @@ from evaluators.judge_validation import expected_calibration_error, loso_table, 
 from evaluators.judges import judge_data, loso
 from evaluators.judges import minilm_harm as mh
 from evaluators.judges.judge_data import Labelled
-from harness.records import normalise_prompt
+from harness.data.records import normalise_prompt
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

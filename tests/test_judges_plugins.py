@@ -17,9 +17,9 @@ from evaluators.judges import llm_judge as llj
 from evaluators.judges.minilm_harm import backbone_dir
 from harness.context import StageContext
 from harness.errors import ConfigError, HarnessError
-from harness.hashing import file_sha256
+from harness.files.hashing import file_sha256
 from harness.judging import Judge
-from harness.models import model_fingerprint
+from harness.models.loading import model_fingerprint
 from harness.registry import backends, judges
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -214,7 +214,7 @@ def test_harness_list_judges_shows_the_new_judges():
 def test_the_backend_and_its_version_are_in_the_harmfulness_key():
     """A fixed backend must regenerate, not reuse cached answers; "auto" is keyed as what it picks."""
     from evaluators.harmfulness import scoring_identity
-    from harness.generation import resolve_backend
+    from harness.models.generation import resolve_backend
 
     hf = scoring_identity(HarmfulnessParams(backend="hf"))
     assert hf["backend"] == {"name": "hf", "version": backends.get("hf").version}

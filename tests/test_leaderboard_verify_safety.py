@@ -31,7 +31,7 @@ def executed(monkeypatch):
         calls.append(config)
         return json.loads(answer[0].read_text()), config.output_dir / config.run_name
 
-    monkeypatch.setattr("harness.runner.execute", execute)
+    monkeypatch.setattr("harness.run.runner.execute", execute)
     return calls, answer
 
 

@@ -25,13 +25,13 @@ from defences.lisa import (
 )
 from harness.cli import app
 from harness.context import StageContext
-from harness.data import DataAccess
+from harness.data.readers import DataAccess
+from harness.data.records import QA
+from harness.data.tokenization import encode_sft
 from harness.errors import HarnessError
-from harness.models import LoadedModel, load_model
-from harness.records import QA
-from harness.sft import SFTSettings, causal_lm_loss, fine_tune
-from harness.tokenization import encode_sft
-from harness.training import intercept_training
+from harness.models.loading import LoadedModel, load_model
+from harness.train.loop import intercept_training
+from harness.train.sft import SFTSettings, causal_lm_loss, fine_tune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -131,7 +131,7 @@ def test_proximal_after_delays_the_term(base, data, tmp_path, after, nonzero):
 def test_the_interceptor_sees_optimizer_steps_and_leaves_no_trace(base, data, tmp_path):
     """run.step counts optimizer steps under gradient accumulation; outside the block (also after an error
     inside it) ``train`` uses its own loss function again."""
-    from harness.training import _INTERCEPTORS
+    from harness.train.loop import _INTERCEPTORS
 
     records = [QA(p.prompt, p.harmful) for p in data.pairs("jbb-pairs", n=10)]
     settings = SFTSettings(lr=1e-3, batch_size=2, grad_accum=2, max_length=40, warmup_ratio=0.0)

@@ -1,4 +1,4 @@
-"""harness.losses against formulas: MMD, the RepNoise position mask, masked CE and the chunked head CE."""
+"""harness.train.losses against formulas: MMD, the RepNoise position mask, masked CE and the chunked head CE."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from harness.losses import (
+from harness.data.tokenization import collate_pairs
+from harness.train.losses import (
     MMD_BANDWIDTH_FACTORS,
     head_ce,
     head_ce_sums,
@@ -19,7 +20,6 @@ from harness.losses import (
     position_mask,
     shift_targets,
 )
-from harness.tokenization import collate_pairs
 
 EOS = 2
 

@@ -80,7 +80,7 @@ def test_7b_full_attack_on_a_24gb_card_is_refused_with_options():
 
 
 def test_a_run_that_cannot_fit_is_refused_before_any_stage(tiny_run_config, tmp_path):
-    from harness.pipeline import Pipeline
+    from harness.run.pipeline import Pipeline
 
     config = tiny_run_config("resources.device_memory_gb=0.01")
     with pytest.raises(HarnessError) as caught:

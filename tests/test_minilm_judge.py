@@ -16,8 +16,8 @@ import torch
 from evaluators.judges import judge_data, loso
 from evaluators.judges import minilm_harm as mh
 from harness.context import StageContext
+from harness.data.records import normalise_prompt
 from harness.judging import Judge
-from harness.records import normalise_prompt
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from harness.errors import HarnessError
-from harness.models import TINY_MODEL, load_model, load_saved, model_fingerprint, resolve_dtype, save_model
+from harness.models.loading import TINY_MODEL, load_model, load_saved, model_fingerprint, resolve_dtype, save_model
 
 
 def test_tiny_llama_is_small_deterministic_and_has_a_chat_tokenizer():

@@ -18,7 +18,7 @@ def test_a_bare_model_or_none_reports_nothing_and_anything_else_is_a_bug():
 
 
 def test_the_reports_of_a_defence_and_an_attack_reach_results_json(tiny_run_config):
-    from harness.runner import execute
+    from harness.run.runner import execute
 
     config = tiny_run_config("defence.num_pairs=4", "defence.batch_size=4", "defence.max_length=32",
                              defence={"name": "safety-sft"}, compare_undefended=False)

@@ -55,7 +55,7 @@ def test_rate_is_the_wilson_interval():
 
 
 def test_over_refusal_runs_in_a_pipeline_and_its_numbers_match_its_records(tiny_run_config):
-    from harness.runner import execute
+    from harness.run.runner import execute
 
     config = tiny_run_config(evaluate={"harmfulness": {}, "over-refusal": {
         "num_prompts": 3, "generation": {"max_new_tokens": 4}}})

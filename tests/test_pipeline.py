@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import TINY_SETS
 
-from harness.config import build_config
-from harness.pipeline import Pipeline
-from harness.runner import execute
+from harness.run.config import build_config
+from harness.run.pipeline import Pipeline
+from harness.run.runner import execute
 
 
 def make_config(root: Path, *sets: str, attack: str = "lora"):
@@ -156,7 +156,7 @@ def test_kill_9_mid_attack_resumes_at_the_first_missing_stage(tmp_path):
 
 
 def test_stage_directories_get_the_umask_mode_not_mkdtemps_0700(tmp_path):
-    from harness.atomic import atomic_dir
+    from harness.files.atomic import atomic_dir
 
     before = os.umask(0o022)
     try:

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from harness.config import build_config
 from harness.registry import Params, defences
-from harness.sft import CPU_PAIR_SIZES
-from harness.sweep import SweepConfig, expand, unequal_sizes
+from harness.run.config import build_config
+from harness.run.sweep import SweepConfig, expand, unequal_sizes
+from harness.train.sft import CPU_PAIR_SIZES
 
 
 class ShieldParams(Params):

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from harness.activations import capture_activations, decoder_parts
-from harness.data import DataAccess
+from harness.data.readers import DataAccess
+from harness.data.records import Pair, normalise_prompt
 from harness.errors import DataError, HarnessError
-from harness.losses import mmd
+from harness.models.activations import capture_activations, decoder_parts
 from harness.probe.data import ProbeData, check_disjoint, select_probe_data
 from harness.probe.features import answer_batches, pooled_hidden, prompt_batches
 from harness.probe.lens import lens_logprobs
@@ -18,7 +18,7 @@ from harness.probe.noise import masked_flat, mmd_to_noise
 from harness.probe.params import ProbeParams
 from harness.probe.report import check_layers
 from harness.probe.weights import snapshot, weight_change
-from harness.records import Pair, normalise_prompt
+from harness.train.losses import mmd
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 TEXTS = [("How do I bake bread?", "Mix flour, water and yeast, then bake."),

@@ -10,7 +10,7 @@ from conftest import TINY_SETS, flat
 from typer.testing import CliRunner
 
 from harness.cli import app
-from harness.pipeline import Pipeline
+from harness.run.pipeline import Pipeline
 
 runner = CliRunner()
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -114,12 +114,23 @@ def _cluster(tmp_path_factory):
         ray.shutdown()
         for node in reversed(nodes):
             _stop(node)
+        _forget_address(address)
+
+
+def _forget_address(address: str) -> None:
+    """`ray start --head` records its address for later `ray.init()` calls; a stopped head must not stay there."""
+    record = Path("/tmp/ray/ray_current_cluster")
+    try:
+        if record.read_text().strip() == address:
+            record.unlink()
+    except OSError:
+        pass
 
 
 def test_sweep_cells_run_on_the_worker_and_results_come_back(cluster, tmp_path):
     from rich.console import Console
 
-    from harness.sweep import SweepConfig, run_sweep
+    from harness.run.sweep import SweepConfig, run_sweep
 
     sweep = SweepConfig.model_validate({
         "name": "ray-cluster",
@@ -152,7 +163,7 @@ def test_a_resource_no_node_has_is_refused_before_any_cell(cluster, tmp_path):
     from rich.console import Console
 
     from harness.errors import HarnessError
-    from harness.executors import run_ray
+    from harness.run.executors import run_ray
 
     done = []
     with pytest.raises(HarnessError, match="custom resource 'h100'.*ray start --resources"):

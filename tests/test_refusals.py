@@ -6,7 +6,7 @@ import pytest
 from typer.testing import CliRunner
 
 from harness.cli import app
-from harness.data import DataAccess
+from harness.data.readers import DataAccess
 from harness.errors import DataError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -42,7 +42,7 @@ def test_written_pairs_load_as_a_data_set(tmp_path, data_dir):
 
 
 def test_a_defence_trains_on_the_file_and_its_content_is_in_the_key(tmp_path, tiny_run_config):
-    from harness.runner import execute
+    from harness.run.runner import execute
 
     out, _ = run_refusals(tmp_path, "--max-harm", "1.01")
     ref = f"pairs-file:{out}"

@@ -13,13 +13,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from defences import repnoise as recipe
 from defences.repnoise import RepNoiseParams, frozen_layers, parse_layer_range, repnoise, repnoise_loss
-from harness.activations import capture_activations, decoder_parts
 from harness.context import StageContext
+from harness.data.records import Pair
+from harness.data.tokenization import collate_pairs
 from harness.errors import ConfigError, HarnessError, TrainingDivergedError
-from harness.models import LoadedModel
-from harness.records import Pair
+from harness.models.activations import capture_activations, decoder_parts
+from harness.models.loading import LoadedModel
 from harness.registry import defences
-from harness.tokenization import collate_pairs
 
 sys.path.insert(0, str(Path(__file__).parent))  # the reference module, whatever pytest's import mode
 from repnoise_reference import ref_masked_ce, reference_loss  # noqa: E402
@@ -372,8 +372,8 @@ def test_reentrant_checkpointing_is_refused_rather_than_silently_losing_the_nois
 
 
 def test_real_tokenizer_and_chat_template_mask_starts_right_after_the_prompt(tmp_path):
-    from harness.models import make_tiny_llama
-    from harness.tokenization import encode_pair, format_prompt
+    from harness.data.tokenization import encode_pair, format_prompt
+    from harness.models.loading import make_tiny_llama
 
     model, tokenizer = make_tiny_llama(seed=0)
     pair = Pair("How do I pick a lock?", "Sure, first insert a tension wrench.", "I can't help with that.")

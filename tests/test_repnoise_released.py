@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from defences.repnoise import RELEASED_CODE, RepNoiseParams, repnoise_loss
-from harness.presets import preset_params
-from harness.tokenization import collate_pairs
+from harness.data.tokenization import collate_pairs
+from harness.run.presets import preset_params
 
 sys.path.insert(0, str(Path(__file__).parent))
 from repnoise_reference import ref_mmd  # noqa: E402

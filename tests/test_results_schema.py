@@ -8,7 +8,7 @@ from importlib import resources
 import leaderboard_fixtures as lf
 import pytest
 
-from harness.results_schema import (
+from harness.results.schema import (
     SCHEMA_VERSION,
     ResultsSchemaError,
     ResultsVersionError,
@@ -39,7 +39,7 @@ def problems(obj) -> str:
 def test_schema_is_a_valid_draft_2020_12_schema_shipped_as_package_data():
     from jsonschema import Draft202012Validator
 
-    assert resources.files("harness").joinpath("schemas", f"results-v{SCHEMA_VERSION}.schema.json").is_file()
+    assert resources.files("harness.results").joinpath("schemas", f"results-v{SCHEMA_VERSION}.schema.json").is_file()
     Draft202012Validator.check_schema(schema())
     assert schema()["$schema"] == "https://json-schema.org/draft/2020-12/schema"
 
@@ -138,9 +138,9 @@ def test_a_v1_file_missing_what_migration_needs_names_it(written, tmp_path):
 
 
 def test_the_shipped_schema_is_generated_from_the_typed_model():
-    from harness.results_model import SCHEMA_FILE, schema_text
+    from harness.results.model import SCHEMA_FILE, schema_text
 
-    assert SCHEMA_FILE.read_text() == schema_text(), "stale: run `python -m harness.results_model`"
+    assert SCHEMA_FILE.read_text() == schema_text(), "stale: run `python -m harness.results.model`"
 
 
 def test_the_generated_schema_accepts_written_files_and_rejects_what_the_model_rejects(written):

@@ -21,7 +21,7 @@ from defences.safelora import (
 )
 from harness.context import StageContext
 from harness.errors import ConfigError, HarnessError
-from harness.models import LoadedModel, load_model
+from harness.models.loading import LoadedModel, load_model
 from harness.registry import defences
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -228,8 +228,8 @@ def test_pipeline_lora_attack_comes_out_projected_and_a_full_fine_tune_is_refuse
     kept because its cosine is above tau; with full-ft the attack stops with SafeLoRA's message."""
     from safetensors.torch import load_file
 
-    from harness.runner import execute
-    from harness.store import StageStore
+    from harness.run.runner import execute
+    from harness.run.store import StageStore
 
     _, unaligned, directory = pair
     config = tiny_run_config(f"defence.unaligned_model={directory}", "resources.keep_attacked_weights=true",

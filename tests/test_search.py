@@ -118,8 +118,8 @@ def test_trials_are_ordinary_cached_runs(searched):
 
 
 def test_site_shows_the_search_beside_the_grid_worst_case(searched, tmp_path):
-    from harness.config import build_config
-    from harness.runner import execute
+    from harness.run.config import build_config
+    from harness.run.runner import execute
     from leaderboard.aggregate import build_board
     from leaderboard.search_page import find_searches
     from leaderboard.site import build_site

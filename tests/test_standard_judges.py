@@ -54,7 +54,7 @@ def make_ctx(tmp_path: Path) -> StageContext:
 def smol_tokenizer():
     from transformers import AutoTokenizer
 
-    from harness.models import _tokenizer_dir, default_asset_dir
+    from harness.models.loading import _tokenizer_dir, default_asset_dir
 
     return AutoTokenizer.from_pretrained(_tokenizer_dir(default_asset_dir()))
 
@@ -446,7 +446,7 @@ def test_identity_changes_with_the_weights(name, llama_dir, mistral_dir):
 
 
 def test_rubric_identity_is_the_grader_fingerprint():
-    from harness.models import model_fingerprint
+    from harness.models.loading import model_fingerprint
 
     params = HarmfulnessParams(judges=[{"name": "strongreject-rubric", "params": {"model": "tiny-llama"}}])
     assert judge_identity(params)["strongreject-rubric"]["model"] == {"fingerprint": model_fingerprint("tiny-llama")}
@@ -498,7 +498,7 @@ def test_a_tokenizer_without_the_answer_tokens_is_refused(tmp_path):
 
 # -- in a run --------------------------------------------------------------------------------------
 def test_a_standard_judge_scores_a_run_and_its_identity_is_recorded(tiny_run_config, llama_dir):
-    from harness.runner import execute
+    from harness.run.runner import execute
 
     judge = f"evaluate.harmfulness.judges=[{{name: harmbench-cls, params: {{model: '{llama_dir}'}}}}]"
     results, directory = execute(tiny_run_config(judge))

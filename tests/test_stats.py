@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from harness.stats import mean_ci, t_interval, wilson_ci
+from harness.results.stats import mean_ci, t_interval, wilson_ci
 
 
 def test_normal_interval_matches_the_formula_and_is_clipped_to_scores():
@@ -35,7 +35,7 @@ def test_student_t_interval_over_seeds():
 
 
 def test_rogan_gladen_inverts_the_expected_observed_rate():
-    from harness.stats import rogan_gladen
+    from harness.results.stats import rogan_gladen
 
     se, sp, truth = 0.8, 0.9, 0.3
     observed = truth * se + (1 - truth) * (1 - sp)  # what a judge with these errors reports on average
@@ -45,7 +45,7 @@ def test_rogan_gladen_inverts_the_expected_observed_rate():
 
 
 def test_corrected_rate_point_and_refusals_of_unusable_counts():
-    from harness.stats import corrected_rate
+    from harness.results.stats import corrected_rate
 
     block = corrected_rate(40, 100, {"tp": 80, "fn": 20, "tn": 90, "fp": 10})
     assert block["rate"] == pytest.approx((0.4 + 0.9 - 1) / (0.8 + 0.9 - 1))
@@ -66,7 +66,7 @@ def test_corrected_interval_covers_the_true_rate_in_at_least_93_percent_of_1000_
     validation counts from which its sensitivity and specificity are estimated."""
     import numpy as np
 
-    from harness.stats import corrected_rate
+    from harness.results.stats import corrected_rate
 
     rng = np.random.default_rng(1234)
     covered = 0

@@ -10,7 +10,7 @@ import pytest
 
 from evaluators.harmfulness import CONFUSION_PATH
 from evaluators.over_refusal import rate
-from harness.stats import corrected_rate
+from harness.results.stats import corrected_rate
 from leaderboard.archive import SubmissionError
 from leaderboard.intake import open_submission
 from leaderboard.package import package

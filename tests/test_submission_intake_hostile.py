@@ -11,7 +11,7 @@ from conftest import flat
 from typer.testing import CliRunner
 
 from harness.cli import app
-from harness.results_schema import ResultsSchemaError, loads_bounded
+from harness.results.schema import ResultsSchemaError, loads_bounded
 from leaderboard.archive import SubmissionError
 from leaderboard.intake import add, open_submission
 from leaderboard.package import MANIFEST, package

@@ -10,9 +10,9 @@ import yaml
 from rich.console import Console
 
 from harness.errors import ConfigError, HarnessError
-from harness.stats import t_interval
-from harness.store import StageStore
-from harness.sweep import expand, load_sweep, run_sweep
+from harness.results.stats import t_interval
+from harness.run.store import StageStore
+from harness.run.sweep import expand, load_sweep, run_sweep
 
 TINY_BASE = {
     "model": {"ref": "tiny-llama"},
@@ -105,7 +105,7 @@ def test_matrix_cells_are_the_seed_means_of_the_runs(local_sweep):
 
 def test_rerunning_a_sweep_is_served_from_the_cache(local_sweep, monkeypatch):
     root, _ = local_sweep
-    from harness.pipeline import Pipeline
+    from harness.run.pipeline import Pipeline
 
     monkeypatch.setattr(Pipeline, "_load", lambda self, key: (_ for _ in ()).throw(AssertionError("loaded weights")))
     run_sweep(load_sweep(write_sweep(root)), Console(stderr=True, quiet=True))

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from harness.sweep_table import render_markdown, sweep_matrix
+from harness.results.sweep_table import render_markdown, sweep_matrix
 
 
 def _phase(harm: float, capability: float | None = None, refuses: float | None = None) -> dict:

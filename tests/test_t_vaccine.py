@@ -17,11 +17,11 @@ from defences.t_vaccine import (
     targeted_perturbed_loss,
 )
 from harness.context import StageContext
-from harness.data import DataAccess
+from harness.data.readers import DataAccess
+from harness.data.tokenization import collate_sft, encode_sft
 from harness.errors import HarnessError
-from harness.models import LoadedModel, load_model
-from harness.sft import causal_lm_loss
-from harness.tokenization import collate_sft, encode_sft
+from harness.models.loading import LoadedModel, load_model
+from harness.train.sft import causal_lm_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

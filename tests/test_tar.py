@@ -25,9 +25,9 @@ from defences.tar import (
     simulated_attack_grads,
     tar_loss,
 )
+from harness.data.tokenization import collate_sft
 from harness.errors import ConfigError
 from harness.registry import defences
-from harness.tokenization import collate_sft
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_repnoise import EOS, VOCAB, hook_count, pair_batch, tiny_llama  # noqa: E402
@@ -181,7 +181,7 @@ def test_bad_settings_are_refused_before_any_work():
 
 
 def test_tar_runs_in_the_pipeline_with_the_random_mapping_safeguard(tiny_run_config):
-    from harness.runner import execute
+    from harness.run.runner import execute
 
     config = tiny_run_config("defence.num_pairs=4", "defence.batch_size=2", "defence.max_length=48",
                              "defence.inner_steps=2", "defence.num_tasks=2", "defence.initial_safeguard_steps=1",
@@ -200,7 +200,7 @@ def test_tar_runs_in_the_pipeline_with_the_random_mapping_safeguard(tiny_run_con
 ])
 def test_data_sets_of_the_wrong_kind_are_refused_before_the_first_stage(tiny_run_config, setting, message):
     from harness.errors import DataError
-    from harness.pipeline import Pipeline
+    from harness.run.pipeline import Pipeline
 
     with pytest.raises(DataError, match=message):
         Pipeline(tiny_run_config(setting, defence={"name": "tar"}))

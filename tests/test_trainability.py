@@ -18,8 +18,8 @@ from evaluators.trainability import (
     trainability,
 )
 from harness.context import StageContext
-from harness.models import LoadedModel
-from harness.tokenization import IGNORE_INDEX
+from harness.data.tokenization import IGNORE_INDEX
+from harness.models.loading import LoadedModel
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from harness.context import StageContext
+from harness.data.records import QA
+from harness.data.tokenization import IGNORE_INDEX, collate_sft, encode_sft, format_prompt
 from harness.errors import TrainingDivergedError
-from harness.records import QA
-from harness.sft import SFTParams, causal_lm_loss, fine_tune
-from harness.tokenization import IGNORE_INDEX, collate_sft, encode_sft, format_prompt
-from harness.training import TrainSettings, batch_order, lr_factor, train
+from harness.train.loop import TrainSettings, batch_order, lr_factor, train
+from harness.train.sft import SFTParams, causal_lm_loss, fine_tune
 
 
 def ctx(tmp_path, seed=0):

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from harness.context import StageContext
-from harness.generation import GenerationSettings, HFBackend
-from harness.models import EMBEDDED_MODEL, LoadedModel, load_model
-from harness.tokenization import format_prompt
-from harness.vllm_backend import VLLMBackend, VLLMParams, vllm_available
+from harness.data.tokenization import format_prompt
+from harness.models.generation import GenerationSettings, HFBackend
+from harness.models.loading import EMBEDDED_MODEL, LoadedModel, load_model
+from harness.models.vllm_backend import VLLMBackend, VLLMParams, vllm_available
 
 pytestmark = [pytest.mark.slow, pytest.mark.vllm]
 

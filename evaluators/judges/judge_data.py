@@ -1,6 +1,6 @@
 """The labelled (prompt, response) data harmfulness judges are trained and validated on.
 
-Everything is read from the offline bundle (``harness.paths.resolve_data_dir()``); nothing is copied.
+Everything is read from the offline bundle (``harness.files.paths.resolve_data_dir()``); nothing is copied.
 
 Validation (never trained on; variants and epochs are chosen on the dev split of the training pool):
 
@@ -21,7 +21,7 @@ Validation (never trained on; variants and epochs are chosen on the dev split of
 Training data: the loaders below feed the labelled sources of :mod:`evaluators.judges.loso`, which
 also builds the synthetic negatives (:func:`degenerate_text`, :data:`NON_ANSWERS`). The judge's
 training set never contains a validation prompt (:func:`validation_prompts`, compared after
-:func:`harness.records.normalise_prompt`); its dev split is made by prompt as well.
+:func:`harness.data.records.normalise_prompt`); its dev split is made by prompt as well.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ Reading one distribution instead of generating text costs one forward pass, neve
 and gives a graded probability instead of a 0/1 verdict, so the mean score and its calibration are
 meaningful. The share of probability the model puts on those tokens at all is reported as
 ``verdict_token_mass``: when it is small, the model is not following the instruction and its
-scores mean little. Any reference :func:`harness.models.load_model` accepts works (``tiny-llama``,
+scores mean little. Any reference :func:`harness.models.loading.load_model` accepts works (``tiny-llama``,
 ``smollm2-135m-instruct``, a local directory, a hub id). An empty or whitespace response scores 0.
 """
 

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 from rich.console import Console
 
-from harness.config import RunConfig
 from harness.distributed.world import World, barrier, check_support, joined, world_from_env
 from harness.errors import ConfigError, HarnessError
-from harness.models import model_fingerprint, resolve_device
+from harness.models.loading import model_fingerprint, resolve_device
+from harness.run.config import RunConfig
 
 
 def check_devices(device: str, nproc: int) -> torch.device:
@@ -56,7 +56,7 @@ def _free_port() -> int:
 def execute_rank(config: RunConfig, world: World, console: Console) -> Path | None:
     """This rank's part of the run; rank 0 returns the run directory, the others None."""
     from harness.distributed.pipeline import DistributedPipeline
-    from harness.results import build_results, print_summary, write_run
+    from harness.results.record import build_results, print_summary, write_run
 
     if world.device.type == "cuda":
         config = config.model_copy(update={"model": config.model.model_copy(update={"device": str(world.device)})})

@@ -16,12 +16,12 @@ from typing import Any, Callable, ContextManager
 
 from rich.console import Console
 
-from harness.config import PluginSpec, RunConfig
 from harness.distributed.world import World, barrier, broadcast, solo
-from harness.models import LoadedModel
+from harness.models.loading import LoadedModel
 from harness.outcome import as_trained
-from harness.pipeline import Pipeline, StageRecord
 from harness.registry import Plugin
+from harness.run.config import PluginSpec, RunConfig
+from harness.run.pipeline import Pipeline, StageRecord
 
 
 class DistributedPipeline(Pipeline):

@@ -19,9 +19,9 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from harness.activations import decoder_parts
 from harness.distributed.world import World
 from harness.errors import HarnessError
+from harness.models.activations import decoder_parts
 
 
 class LossModule(torch.nn.Module):

@@ -21,9 +21,9 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from harness.data.tokenization import IGNORE_INDEX
 from harness.distributed.sharding import ShardedTwin
 from harness.distributed.world import World, all_sum
-from harness.tokenization import IGNORE_INDEX
 
 Batch = dict[str, torch.Tensor]
 
@@ -35,7 +35,7 @@ def _labelled_targets(batch: Batch) -> torch.Tensor:
 
 # loss function (module.qualname, so that this module need not import the recipes' modules) -> the per-batch
 # count its mean runs over. Only losses listed here run data-parallel.
-TOKEN_MEAN_LOSSES: dict[str, Callable[[Batch], torch.Tensor]] = {"harness.sft.causal_lm_loss": _labelled_targets}
+TOKEN_MEAN_LOSSES: dict[str, Callable[[Batch], torch.Tensor]] = {"harness.train.sft.causal_lm_loss": _labelled_targets}
 
 
 def _name(fn: Callable[..., Any]) -> str:

@@ -6,7 +6,7 @@ stages and the MMD of harmful activations to Gaussian noise. One module per job:
 
 - ``params``: what a probe is configured by (part of its cache key);
 - ``data``: the probe's prompts and pairs, disjoint from the run's training and evaluation data;
-- ``features``: activations of one model (via :mod:`harness.activations`);
+- ``features``: activations of one model (via :mod:`harness.models.activations`);
 - ``linear``, ``lens``, ``weights``, ``noise``: the four measurements;
 - ``stages``: a run directory → its cached model stages; ``analysis``: one stage's cached result;
 - ``report``: probe.json and the tests between stages; ``view``: the terminal table; ``command``: the CLI.

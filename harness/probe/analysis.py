@@ -14,15 +14,15 @@ from typing import Any, Callable
 
 import numpy as np
 
-from harness.hashing import stable_hash
-from harness.models import LoadedModel
+from harness.files.hashing import stable_hash
+from harness.models.loading import LoadedModel
 from harness.probe.data import ProbeData
 from harness.probe.features import answer_batches, pooled_hidden, prompt_batches
 from harness.probe.lens import lens_logprobs
 from harness.probe.linear import layer_accuracies
 from harness.probe.noise import mmd_to_noise
 from harness.probe.params import ProbeParams
-from harness.store import StageStore
+from harness.run.store import StageStore
 
 RESULT = "probe.json"
 VERSION = 1  # of these measurements: bump when a change alters a number

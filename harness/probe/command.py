@@ -21,8 +21,8 @@ def probe(
     and MMD to Gaussian noise, for the run's cached models; writes probe.json beside results.json."""
     from rich.console import Console
 
-    from harness.config import parse_set
     from harness.errors import ConfigError, HarnessError
+    from harness.run.config import parse_set
     from harness.terminal import plain, print_error, state
 
     console = Console(stderr=True)

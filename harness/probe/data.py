@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.data import DataAccess, dedupe_by_prompt, read_json, seeded_sample, text_of
+from harness.data.readers import DataAccess, dedupe_by_prompt, read_json, seeded_sample, text_of
+from harness.data.records import Pair, Prompt, normalise_prompt
 from harness.errors import DataError, HarnessError
-from harness.hashing import cached_file_sha256, stable_hash
-from harness.pipeline import data_fields
+from harness.files.hashing import cached_file_sha256, stable_hash
 from harness.probe.params import ProbeParams
-from harness.records import Pair, Prompt, normalise_prompt
+from harness.run.pipeline import data_fields
 
 HARMFUL_FILES = tuple(f"harmful_prompts/refusal_direction_harmful_{s}.json" for s in ("train", "val", "test"))
 HARMLESS_FILES = tuple(f"harmful_prompts/refusal_direction_harmless_{s}.json" for s in ("val", "test"))

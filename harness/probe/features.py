@@ -1,4 +1,4 @@
-"""One model's activations for the probe, read with :func:`harness.activations.capture_activations`.
+"""One model's activations for the probe, read with :func:`harness.models.activations.capture_activations`.
 
 Hidden states follow that module's numbering: index 0 is the embeddings (input of layer 0), index j the
 output of decoder layer j (1-based here), L + 1 states in all. Only the decoder runs (no [B, T, V] logits);
@@ -13,8 +13,8 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
-from harness.activations import capture_activations, decoder_parts
-from harness.tokenization import encode_prompt_answer, format_prompt
+from harness.data.tokenization import encode_prompt_answer, format_prompt
+from harness.models.activations import capture_activations, decoder_parts
 
 Answers = Sequence[tuple[str, str]]  # (prompt, answer)
 

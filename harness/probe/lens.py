@@ -11,9 +11,9 @@ from typing import Iterator
 
 import torch
 
-from harness.activations import capture_activations, decoder_parts
-from harness.losses import gather_rows, head_ce
+from harness.models.activations import capture_activations, decoder_parts
 from harness.probe.features import Batch
+from harness.train.losses import gather_rows, head_ce
 
 
 @torch.no_grad()

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 
 from harness.errors import HarnessError
-from harness.stats import t_interval
+from harness.results.stats import t_interval
 
 MIN_PER_CLASS = 2  # in the training and in the test part of every split
 

@@ -3,7 +3,7 @@
 Built exactly as RepNoise's noise term: the output of each layer's MLP block (before the residual add)
 on the harmful sequence, zero outside the mask (here: the harmful answer's tokens), each example flattened
 to one [T·d] vector, against standard Gaussian noise of the same shape, masked and flattened the same way,
-through :func:`harness.losses.mmd`, per batch of B texts, averaged over batches. One noise draw per seed.
+through :func:`harness.train.losses.mmd`, per batch of B texts, averaged over batches. One noise draw per seed.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from typing import Iterator
 
 import torch
 
-from harness.activations import capture_activations, decoder_parts
-from harness.losses import mmd
+from harness.models.activations import capture_activations, decoder_parts
 from harness.probe.features import Batch
+from harness.train.losses import mmd
 
 
 def masked_flat(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

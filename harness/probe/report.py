@@ -14,17 +14,17 @@ from typing import Any
 import numpy as np
 from rich.console import Console
 
-from harness.activations import decoder_parts
-from harness.atomic import write_json
 from harness.errors import HarnessError
-from harness.pipeline import _keyed_versions
+from harness.files.atomic import write_json
+from harness.models.activations import decoder_parts
 from harness.probe.analysis import analysis_key, cached, measure, weights_key
 from harness.probe.data import select_probe_data
 from harness.probe.linear import check_split, paired_permutation_p, summarise
 from harness.probe.params import ProbeParams
 from harness.probe.stages import open_run
 from harness.probe.weights import snapshot, weight_change
-from harness.stats import t_interval
+from harness.results.stats import t_interval
+from harness.run.pipeline import _keyed_versions
 
 OUTPUT = "probe.json"
 WEIGHT_PAIRS = (("defended", "base"), ("attacked", "defended"), ("attacked", "base"), ("undefended-attacked", "base"))

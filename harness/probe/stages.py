@@ -16,11 +16,11 @@ from typing import Any
 
 from rich.console import Console
 
-from harness.config import RunConfig
 from harness.errors import HarnessError
-from harness.models import LoadedModel
-from harness.pipeline import Pipeline
-from harness.results_schema import loads_bounded
+from harness.models.loading import LoadedModel
+from harness.results.schema import loads_bounded
+from harness.run.config import RunConfig
+from harness.run.pipeline import Pipeline
 
 STAGES = ("base", "defended", "attacked", "undefended-attacked")
 DEFAULT_STAGES = ("base", "defended", "attacked")

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-from harness.activations import decoder_parts, unwrap
+from harness.models.activations import decoder_parts, unwrap
 
 Snapshot = list[dict[str, torch.Tensor]]  # [index] {parameter name: values on the CPU}
 

@@ -23,11 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from harness.atomic import write_json
 from harness.errors import ConfigError
+from harness.files.atomic import write_json
 from harness.resources.sizes import tree_size
 
-MANIFEST = "stage.json"  # harness.store.MANIFEST, repeated so that listing the cache imports no torch
+MANIFEST = "stage.json"  # harness.run.store.MANIFEST, repeated so that listing the cache imports no torch
 WEIGHTS_DIR = "model"
 KINDS = ("defend", "attack", "evaluate")
 _AGE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$")

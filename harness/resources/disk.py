@@ -54,10 +54,10 @@ def model_output_bytes(shape: ModelShape, params: dict[str, Any], weight_bytes: 
 
 def sweep_disk_need(configs: Iterable[Any], concurrency: int = 1) -> DiskNeed:
     """Disk the runs of ``configs`` (RunConfig) add to their cache, counting each new stage once."""
-    from harness.config import NO_DEFENCE
-    from harness.pipeline import Pipeline
     from harness.registry import attacks, defences, evaluators
-    from harness.store import MANIFEST
+    from harness.run.config import NO_DEFENCE
+    from harness.run.pipeline import Pipeline
+    from harness.run.store import MANIFEST
 
     need = DiskNeed()
     seen: set[str] = set()

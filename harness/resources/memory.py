@@ -41,7 +41,7 @@ GIB = 2**30
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 OPTIMIZER_STATES = {"adam": 2, "adamw": 2, "sgd": 0, "sgd-momentum": 1}  # others: counted as 2 (Adam-like)
 HEADROOM = 1.10  # refuse unless the estimate plus 10% fits: allocator fragmentation, CUDA context, buffers
-DEFAULT_CHUNK_ELEMENTS = 2**24  # harness.losses: the chunked LM-head pass holds this many logits at a time
+DEFAULT_CHUNK_ELEMENTS = 2**24  # harness.train.losses: the chunked LM-head pass holds this many logits at a time
 
 # Activation values kept per token of one decoder layer: c_hidden·hidden + c_kv·kv_dim + c_inter·intermediate.
 C_HIDDEN, C_KV, C_INTER = 8, 2, 4
@@ -281,7 +281,7 @@ def check_fits(shape: ModelShape, plan: TrainingPlan, available: int, what: str)
 
 def shape_for_ref(ref: str) -> ModelShape | None:
     """The shape of a model reference without loading weights, or None when only the hub could say."""
-    from harness.models import EMBEDDED_MODEL, TINY_LLAMA_SHAPE, TINY_MODEL, default_asset_dir
+    from harness.models.loading import EMBEDDED_MODEL, TINY_LLAMA_SHAPE, TINY_MODEL, default_asset_dir
 
     if ref in SHAPES:
         return SHAPES[ref]
@@ -306,7 +306,7 @@ def shape_for_ref(ref: str) -> ModelShape | None:
 def plan_for_params(params: Any, plugin_name: str, weight_bytes: int, *, shards: int = 1) -> TrainingPlan | None:
     """The training plan a stage's params describe (batch, length, optimizer, LoRA rank and targets, gradient
     checkpointing, float32 optimizer state), or None for a stage that does not train."""
-    from harness.training import TrainSettings
+    from harness.train.loop import TrainSettings
 
     if not isinstance(params, TrainSettings):
         return None
@@ -325,7 +325,7 @@ def weight_bytes_for(dtype: str, device: str) -> int:
     """Bytes per weight the run's ``model.dtype`` gives on its device (auto: bf16 on CUDA, float32 on CPU)."""
     import torch
 
-    from harness.models import resolve_device, resolve_dtype
+    from harness.models.loading import resolve_device, resolve_dtype
 
     return torch.empty((), dtype=resolve_dtype(dtype, resolve_device(device))).element_size()
 
@@ -341,7 +341,7 @@ def device_memory(override_gb: float | None, device: Any) -> int:
 def check_run_memory(pipeline: Any) -> None:
     """Before the first stage of a run: every training stage not stored yet must fit on the device
     (``resources.memory_check``: refuse, warn or off). Models the hub alone could describe are not checked."""
-    from harness.models import resolve_device
+    from harness.models.loading import resolve_device
     from harness.resources.plan import planned_model_stages
     from harness.terminal import plain
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from harness.store import MANIFEST
+from harness.run.store import MANIFEST
 
 
 @dataclass(frozen=True)
@@ -20,8 +20,8 @@ class PlannedStage:
 
 def planned_model_stages(pipeline: Any) -> Iterator[PlannedStage]:
     """Defend and attack stages of every branch of the run (the undefended reference included), in order."""
-    from harness.config import NO_DEFENCE
     from harness.registry import attacks, defences
+    from harness.run.config import NO_DEFENCE
 
     config = pipeline.config
     branches = [config.defence]

@@ -30,11 +30,11 @@ from typing import Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from harness.config import RunConfig, build_config, deep_merge, load_yaml, parse_set
 from harness.errors import ConfigError, HarnessError
-from harness.hashing import stable_hash
+from harness.files.hashing import stable_hash
 from harness.registry import format_validation_error
-from harness.sweep import RayOptions
+from harness.run.config import RunConfig, build_config, deep_merge, load_yaml, parse_set
+from harness.run.sweep import RayOptions
 
 Scalar = Union[bool, int, float, str, None]
 
@@ -251,8 +251,8 @@ def field_kind(annotation: Any) -> str:
 
 def _params_model(attack: str) -> Any:
     from harness.errors import UnknownPluginError
-    from harness.presets import split_reference
     from harness.registry import attacks
+    from harness.run.presets import split_reference
 
     try:
         return attacks.get(split_reference(attack)[0]).params_model

@@ -24,10 +24,10 @@ from typing import Any, Iterator
 
 from rich.console import Console
 
-from harness.atomic import write_json
 from harness.errors import ConfigError, HarnessError
-from harness.hashing import stable_hash
-from harness.names import safe_part
+from harness.files.atomic import write_json
+from harness.files.hashing import stable_hash
+from harness.run.names import safe_part
 from harness.search.objective import score
 from harness.search.report import build_report, print_report
 from harness.search.space import Choices, SearchSpec, field_kind, start_values, trial_config
@@ -152,7 +152,7 @@ def _finish(study: Any, spec: SearchSpec, trial: Any, outcome: dict[str, Any], d
     """Score a finished run and tell Optuna; a run that failed is a failed trial (it counts)."""
     from optuna.trial import TrialState
 
-    from harness.results_schema import load_results
+    from harness.results.schema import load_results
 
     if outcome["status"] != "ok":
         trial.set_user_attr("error", str(outcome["error"])[-2000:])
@@ -181,7 +181,7 @@ def _finish(study: Any, spec: SearchSpec, trial: Any, outcome: dict[str, Any], d
 
 def run_search(spec: SearchSpec, console: Console, executor: str | None = None) -> Path:
     """Run the search to its budget (resuming a stored one), write search.json, print the report."""
-    from harness.executors import run_local, run_ray
+    from harness.run.executors import run_local, run_ray
 
     directory = search_dir(spec)
     directory.mkdir(parents=True, exist_ok=True)
@@ -240,7 +240,7 @@ def _ray_session(executor: str, spec: SearchSpec) -> Iterator[None]:
         raise HarnessError("The ray executor needs Ray: pip install 'harmful-ft-harness[ray]'.") from None
     started = not ray.is_initialized()
     if started:
-        ray.init(address=spec.ray.address, include_dashboard=False, log_to_driver=False)
+        ray.init(address=spec.ray.address or "local", include_dashboard=False, log_to_driver=False)  # see run_ray
     try:
         yield
     finally:

@@ -1,7 +1,7 @@
 """vLLM generation (optional extra ``vllm``), each call in its own child process.
 
 vLLM does not give GPU memory back when an engine is deleted, so one engine per process is the
-only safe pattern: the parent writes a request file, ``python -m harness.vllm_backend`` serves it
+only safe pattern: the parent writes a request file, ``python -m harness.models.vllm_backend`` serves it
 and exits, and the memory goes with it. LoRA attacks are served as adapters (LoRARequest) on the
 base weights without merging; full fine-tunes as their saved directory. ``max_tokens`` is always
 set (vLLM's default is 16).
@@ -28,8 +28,8 @@ from pydantic import Field
 
 from harness.context import StageContext
 from harness.errors import HarnessError
-from harness.generation import GenerationSettings, vllm_available
-from harness.models import LoadedModel
+from harness.models.generation import GenerationSettings, vllm_available
+from harness.models.loading import LoadedModel
 from harness.registry import Params, backends
 
 
@@ -113,7 +113,7 @@ class VLLMBackend:
         with tempfile.TemporaryDirectory(prefix="harness-vllm-") as tmp:
             request_path, result_path = Path(tmp) / "request.json", Path(tmp) / "result.json"
             request_path.write_text(json.dumps(request))
-            command = [self.params.python or sys.executable, "-m", "harness.vllm_backend",
+            command = [self.params.python or sys.executable, "-m", "harness.models.vllm_backend",
                        str(request_path), str(result_path)]
             proc = subprocess.run(command, env=_child_env(), capture_output=True, text=True)
             if proc.returncode != 0 or not result_path.exists():
@@ -127,7 +127,7 @@ class VLLMBackend:
 
 def _child_env() -> dict[str, str]:
     """The child's environment: quiet vLLM logging, and this harness importable from any interpreter."""
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "VLLM_CONFIGURE_LOGGING": "0", "PYTHONPATH": path}
 

@@ -18,8 +18,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from harness.atomic import atomic_dir, sweep_scratch, write_json
-from harness.hashing import file_sha256
+from harness.files.atomic import atomic_dir, sweep_scratch, write_json
+from harness.files.hashing import file_sha256
 
 log = logging.getLogger(__name__)
 MANIFEST = "stage.json"

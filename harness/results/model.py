@@ -1,8 +1,8 @@
 """results.json as typed pydantic models: the one source of its shape.
 
-The shipped JSON Schema (``harness/schemas/results-v2.schema.json``, for tools outside Python) is
-generated from these models (``python -m harness.results_model`` rewrites it; a test fails when it
-is stale), and :func:`harness.results_schema.validate_results` validates with them. Strict on the
+The shipped JSON Schema (``harness/results/schemas/results-v2.schema.json``, for tools outside Python) is
+generated from these models (``python -m harness.results.model`` rewrites it; a test fails when it
+is stale), and :func:`harness.results.schema.validate_results` validates with them. Strict on the
 provenance every result must carry (DESIGN.md §6); open inside metrics, info and params, and at
 every level for fields added later, so evaluators and plugins can add their own.
 """
@@ -233,7 +233,7 @@ class BranchSummaries(Block):
 
 
 class Summary(Block):
-    """Derived from ``results`` alone (harness/results_summary.py), so a tampered copy is caught."""
+    """Derived from ``results`` alone (harness/results/summary.py), so a tampered copy is caught."""
 
     branches: BranchSummaries
 
@@ -273,10 +273,10 @@ def schema_text() -> str:
     return json.dumps(generated_schema(), indent=2, sort_keys=True) + "\n"
 
 
-if __name__ == "__main__":  # python -m harness.results_model [--check]
+if __name__ == "__main__":  # python -m harness.results.model [--check]
     if "--check" in sys.argv[1:]:
         stale = not SCHEMA_FILE.is_file() or SCHEMA_FILE.read_text() != schema_text()
-        print(f"{SCHEMA_FILE}: {'stale; run python -m harness.results_model' if stale else 'up to date'}")
+        print(f"{SCHEMA_FILE}: {'stale; run python -m harness.results.model' if stale else 'up to date'}")
         sys.exit(1 if stale else 0)
     SCHEMA_FILE.write_text(schema_text())
     print(f"wrote {SCHEMA_FILE}")

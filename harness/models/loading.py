@@ -20,9 +20,9 @@ from typing import Any, Callable
 import torch
 from safetensors import SafetensorError, safe_open
 
-from harness.atomic import atomic_dir, write_json
 from harness.errors import HarnessError
-from harness.hashing import file_sha256, stable_hash
+from harness.files.atomic import atomic_dir, write_json
+from harness.files.hashing import file_sha256, stable_hash
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 
 from harness.context import StageContext
-from harness.models import LoadedModel
+from harness.models.loading import LoadedModel
 from harness.registry import Params, backends
 
 

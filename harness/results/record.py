@@ -11,15 +11,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from harness.atomic import write_json
-from harness.config import RunConfig
 from harness.errors import HarnessError
-from harness.hashing import stable_hash
-from harness.names import check_run_name, safe_part
-from harness.paths import REPO_ROOT
+from harness.files.atomic import write_json
+from harness.files.hashing import stable_hash
+from harness.files.paths import REPO_ROOT
 from harness.registry import attacks
-from harness.results_schema import SCHEMA_VERSION, validate_results
-from harness.results_summary import derived_blocks
+from harness.results.schema import SCHEMA_VERSION, validate_results
+from harness.results.summary import derived_blocks
+from harness.run.config import RunConfig
+from harness.run.names import check_run_name, safe_part
 from harness.terminal import plain
 
 

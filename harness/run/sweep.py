@@ -22,11 +22,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from rich.console import Console
 
-from harness.atomic import write_json, write_text
-from harness.config import RunConfig, build_config, deep_merge, load_yaml, parse_set
 from harness.errors import ConfigError, HarnessError
+from harness.files.atomic import write_json, write_text
 from harness.registry import format_validation_error
-from harness.results_schema import load_results
+from harness.results.schema import load_results
+from harness.run.config import RunConfig, build_config, deep_merge, load_yaml, parse_set
 from harness.terminal import plain
 
 
@@ -146,7 +146,7 @@ def unequal_sizes(cells: list[Cell]) -> list[str]:
     """Plugins of the grid that bring no sizes for the sweep's profile while others of their kind do:
     they run at their own (paper-sized) defaults beside plugins sized for the profile, an unequal
     comparison the matrix would not show."""
-    from harness.presets import profile_params, unsized
+    from harness.run.presets import profile_params, unsized
 
     problems = []
     profile = cells[0].config.profile  # the sweep's base sets it for every cell
@@ -171,8 +171,8 @@ def _check_unique_titles(cells: list[Cell]) -> None:
 
 def run_sweep(sweep: SweepConfig, console: Console, executor: str | None = None) -> Path:
     """Run every cell (cached cells cost seconds), write sweep.json and the matrix, return the sweep dir."""
-    from harness.executors import run_local, run_ray
-    from harness.sweep_table import render_markdown, sweep_matrix, sweep_table
+    from harness.results.sweep_table import render_markdown, sweep_matrix, sweep_table
+    from harness.run.executors import run_local, run_ray
 
     cells = expand(sweep)
     configs = [cell.config.model_dump(mode="json") for cell in cells]

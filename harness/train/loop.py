@@ -191,7 +191,7 @@ class MasterWeights:
 @contextmanager
 def _checkpointing(model: torch.nn.Module, enabled: bool) -> Iterator[None]:
     """Non-reentrant gradient checkpointing for the block (reentrant would cut forward hooks' gradients)."""
-    from harness.activations import unwrap
+    from harness.models.activations import unwrap
 
     base = unwrap(model)
     if not enabled or getattr(base, "is_gradient_checkpointing", False):

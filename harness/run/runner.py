@@ -7,10 +7,10 @@ from typing import Any
 
 from rich.console import Console
 
-from harness.config import RunConfig
-from harness.models import model_fingerprint
-from harness.pipeline import Pipeline
-from harness.results import build_results, print_summary, write_run
+from harness.models.loading import model_fingerprint
+from harness.results.record import build_results, print_summary, write_run
+from harness.run.config import RunConfig
+from harness.run.pipeline import Pipeline
 
 
 def execute(config: RunConfig, console: Console | None = None) -> tuple[dict[str, Any], Path]:

@@ -23,14 +23,15 @@ import torch
 from rich.console import Console
 
 import harness
-from harness.atomic import write_json
-from harness.config import NO_DEFENCE, PluginSpec, RunConfig, validate_plugins
 from harness.context import StageContext
-from harness.data import PAIRS_FILE, DataAccess
+from harness.data.readers import PAIRS_FILE, DataAccess
+from harness.data.triggers import Trigger
 from harness.errors import HarnessError
 from harness.evaluation import EvalResult
-from harness.hashing import cached_file_sha256, stable_hash
-from harness.models import (
+from harness.files.atomic import write_json
+from harness.files.hashing import cached_file_sha256, stable_hash
+from harness.files.paths import check_output_dir, resolve_data_dir
+from harness.models.loading import (
     LoadedModel,
     check_model_ref,
     load_model,
@@ -40,12 +41,11 @@ from harness.models import (
     save_model,
 )
 from harness.outcome import as_trained
-from harness.paths import check_output_dir, resolve_data_dir
 from harness.registry import Plugin, attacks, datasets, defences, evaluators
 from harness.resources.memory import check_run_memory
-from harness.store import StageStore
+from harness.run.config import NO_DEFENCE, PluginSpec, RunConfig, validate_plugins
+from harness.run.store import StageStore
 from harness.terminal import plain
-from harness.triggers import Trigger
 
 
 def library_versions() -> dict[str, str]:

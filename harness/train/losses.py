@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from harness.activations import decoder_parts
+from harness.models.activations import decoder_parts
 
 # Full-vocabulary rows one CE chunk may hold (float32): 2**24 elements = 64 MiB.
 DEFAULT_CHUNK_ELEMENTS = 2**24

@@ -17,8 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import ConfigError
-from harness.names import check_run_name
 from harness.registry import Params, format_validation_error
+from harness.run.names import check_run_name
 
 PROFILES = ("cpu", "paper")
 
@@ -236,7 +236,7 @@ def check_finite(value: Any, where: str) -> None:
 
 def apply_presets(config: RunConfig) -> RunConfig:
     """Resolve ``name@preset`` (or ``preset:``) of the defence and attack into params under the user's own."""
-    from harness.presets import preset_params, split_reference
+    from harness.run.presets import preset_params, split_reference
 
     updated = config.model_copy(deep=True)
     for field, kind in (("defence", "defences"), ("attack", "attacks")):
@@ -252,7 +252,7 @@ def apply_presets(config: RunConfig) -> RunConfig:
 
 def apply_profile(config: RunConfig, profile: str) -> RunConfig:
     """Put each selected plugin's own sizes for ``profile`` underneath what the user set."""
-    from harness.presets import profile_params
+    from harness.run.presets import profile_params
 
     updated = config.model_copy(deep=True)
     for field, kind in (("defence", "defences"), ("attack", "attacks")):

@@ -11,10 +11,10 @@ import torch.nn.functional as F
 from pydantic import Field
 
 from harness.context import StageContext
-from harness.records import QA
+from harness.data.records import QA
+from harness.data.tokenization import IGNORE_INDEX, collate_sft, encode_sft
 from harness.registry import Params
-from harness.tokenization import IGNORE_INDEX, collate_sft, encode_sft
-from harness.training import LossFn, TrainReport, TrainSettings, train
+from harness.train.loop import LossFn, TrainReport, TrainSettings, train
 
 
 class SFTSettings(TrainSettings):

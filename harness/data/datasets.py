@@ -11,9 +11,9 @@ import re
 from pathlib import Path
 from typing import Iterator
 
-from harness.data import RowProblems, read_csv, read_json, read_jsonl, read_lines, require_text, text_of
+from harness.data.readers import RowProblems, read_csv, read_json, read_jsonl, read_lines, require_text, text_of
+from harness.data.records import QA, Pair, Prompt
 from harness.errors import DataError
-from harness.records import QA, Pair, Prompt
 from harness.registry import datasets
 
 BEAVERTAILS_200 = "harmful_qa/beavertails_30k_train_unsafe_200.jsonl"

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 
 from rich.table import Table
 
-from harness.stats import t_interval
+from harness.results.stats import t_interval
 
 PRE = "pre-attack"
 CAPABILITY_EVALUATORS = ("capability",)  # headline deltas shown beside harm (higher is better)

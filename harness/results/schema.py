@@ -1,7 +1,7 @@
 """Validate, read and migrate results.json against its typed model.
 
-The models in :mod:`harness.results_model` (and the JSON Schema generated from them,
-``harness/schemas/results-v<N>.schema.json``) are the contract between a run and everything that
+The models in :mod:`harness.results.model` (and the JSON Schema generated from them,
+``harness/results/schemas/results-v<N>.schema.json``) are the contract between a run and everything that
 reads it later: the leaderboard, submissions, other groups' tools. Files are validated when written
 and when read; older versions are migrated on read, newer ones refused with a message saying to
 upgrade. Errors name the path of each bad field.
@@ -21,8 +21,8 @@ from typing import Any, Callable
 from pydantic import BaseModel, ValidationError
 
 from harness.errors import HarnessError
-from harness.results_model import SCHEMA_VERSION, JudgeScores, RunResults
-from harness.results_summary import derived_blocks, summary_block
+from harness.results.model import SCHEMA_VERSION, JudgeScores, RunResults
+from harness.results.summary import derived_blocks, summary_block
 
 MAX_PROBLEMS = 8  # listed per file; more are counted
 MAX_JSON_DEPTH = 64  # a results.json nests about 10 levels; json.loads recurses once per level
@@ -73,8 +73,8 @@ def loads_bounded(data: str | bytes, where: str, max_depth: int = MAX_JSON_DEPTH
 @lru_cache(maxsize=None)
 def schema(version: int = SCHEMA_VERSION) -> dict[str, Any]:
     """The JSON Schema of one results.json version, shipped as package data (generated from
-    :mod:`harness.results_model` for the current version)."""
-    text = resources.files("harness").joinpath("schemas", f"results-v{version}.schema.json").read_text()
+    :mod:`harness.results.model` for the current version)."""
+    text = resources.files("harness.results").joinpath("schemas", f"results-v{version}.schema.json").read_text()
     return json.loads(text)
 
 

@@ -7,7 +7,7 @@ A data set is named by a reference: its registered name, optionally with a categ
 Readers skip malformed rows (bad JSON, bad encoding, missing or empty fields) and count them;
 a data set with no usable row fails with the file and line of the first problem. Training
 sets (QA, pairs) never contain a prompt of the evaluation set (compared after
-:func:`harness.records.normalise_prompt`), and every set is de-duplicated by normalised prompt.
+:func:`harness.data.records.normalise_prompt`), and every set is de-duplicated by normalised prompt.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, TypeVar
 
+from harness.data.records import QA, Pair, Prompt, normalise_prompt
 from harness.errors import DataError, HarnessError
-from harness.hashing import cached_file_sha256, stable_hash
-from harness.records import QA, Pair, Prompt, normalise_prompt
+from harness.files.hashing import cached_file_sha256, stable_hash
 from harness.registry import datasets
 
 log = logging.getLogger(__name__)

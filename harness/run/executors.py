@@ -23,8 +23,8 @@ def run_cell(config: dict[str, Any], threads: int | None = None, quiet: bool = F
     """Run one cell from its config dict (as a plain function, so a Ray worker can call it too)."""
     import torch
 
-    from harness.config import RunConfig
-    from harness.runner import execute
+    from harness.run.config import RunConfig
+    from harness.run.runner import execute
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -83,7 +83,8 @@ def run_ray(configs: list[dict[str, Any]], threads: int | None, console: Console
         raise HarnessError("The ray executor needs Ray: pip install 'harmful-ft-harness[ray]'.") from None
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        # "local" starts a fresh instance even where `ray start` left a (possibly dead) cluster's address behind
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
     try:
         _check_capacity(ray.cluster_resources(), num_cpus, num_gpus, resources or {})
         task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus, resources=resources or None)(run_cell)

@@ -1,0 +1,1 @@
+"""The offline data bundle: readers, the data-set registry, records, tokenisation, refusal markers, triggers."""

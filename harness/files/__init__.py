@@ -1,0 +1,1 @@
+"""Files: atomic writes, content hashes, where data, caches and outputs live."""

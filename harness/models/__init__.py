@@ -1,0 +1,1 @@
+"""Models: loading and fingerprints, activations and hooks, generation backends (HF, vLLM)."""

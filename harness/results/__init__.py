@@ -1,0 +1,1 @@
+"""What a run writes (results.json, its typed model and schema) and how it is read and summarised."""

@@ -1,0 +1,1 @@
+"""Training: the shared loop, supervised fine-tuning settings, the RepNoise and baseline losses."""
