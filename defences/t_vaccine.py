@@ -45,6 +45,7 @@ from harness.api import (
     PairSFTSettings,
     StageContext,
     Trained,
+    attention_modules,
     causal_lm_loss,
     collate_sft,
     cpu_pair_sizes,
@@ -53,6 +54,7 @@ from harness.api import (
     encode_sft,
     fine_tune,
     forward_hooks,
+    main_output,
     pair_side,
     unwrap,
 )
@@ -72,26 +74,15 @@ class TVaccineParams(PairSFTSettings):
 # --- the criterion -------------------------------------------------------------------------------
 
 
-def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    layers = decoder_parts(model).layers
-    if not all(hasattr(layer, "self_attn") for layer in layers):
-        raise HarnessError(f"{type(unwrap(model)).__name__}: decoder layers have no .self_attn; T-Vaccine needs it.")
-    return [layer.self_attn for layer in layers]
-
-
-def _main(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 def layer_gradient_norms(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """n_l = ||d CE(batch) / d attention output of layer l||, in float32, for every decoder layer. Uses
     ``torch.autograd.grad`` w.r.t. the activations: no ``.grad`` of the model is touched."""
-    attention = attention_modules(model)
+    attention = attention_modules(model, "T-Vaccine")
     outputs: list[torch.Tensor | None] = [None] * len(attention)
 
     def capture(i: int) -> Any:
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            outputs[i] = _main(output)
+            outputs[i] = main_output(output)
 
         return hook
 
@@ -147,13 +138,13 @@ def targeted_perturbed_loss(
     ``perturbation_norm``."""
     if getattr(unwrap(model), "is_gradient_checkpointing", False):
         raise HarnessError("T-Vaccine cannot run with gradient checkpointing (the perturbation would be lost).")
-    every = attention_modules(model)
+    every = attention_modules(model, "T-Vaccine")
     attention = [every[i] for i in selected]
     outputs: list[torch.Tensor | None] = [None] * len(attention)
 
     def capture(i: int) -> Any:
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            outputs[i] = _main(output)
+            outputs[i] = main_output(output)
 
         return hook
 

@@ -37,12 +37,13 @@ from harness.api import (
     PairSFTSettings,
     StageContext,
     Trained,
+    attention_modules,
     causal_lm_loss,
     cpu_pair_sizes,
-    decoder_parts,
     defences,
     fine_tune,
     forward_hooks,
+    main_output,
     pair_side,
     unwrap,
 )
@@ -52,29 +53,18 @@ class VaccineParams(PairSFTSettings):
     rho: float = Field(1.0, gt=0, description="global L2 norm of the attention-output perturbation (paper: 1 or 10)")
 
 
-def _attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    layers = decoder_parts(model).layers
-    if not all(hasattr(layer, "self_attn") for layer in layers):
-        raise HarnessError(f"{type(unwrap(model)).__name__}: decoder layers have no .self_attn; Vaccine needs it.")
-    return [layer.self_attn for layer in layers]
-
-
-def _main(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
 def vaccine_loss(
     model: torch.nn.Module, batch: dict[str, torch.Tensor], *, rho: float
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The pass-2 (perturbed) SFT loss; terms: ``clean_loss`` (pass 1) and ``perturbation_norm``."""
     if getattr(unwrap(model), "is_gradient_checkpointing", False):
         raise HarnessError("Vaccine cannot run with gradient checkpointing (the perturbation would be lost).")
-    attention = _attention_modules(model)
+    attention = attention_modules(model, "Vaccine")
     outputs: list[torch.Tensor | None] = [None] * len(attention)
 
     def capture(i: int) -> Any:
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            outputs[i] = _main(output)
+            outputs[i] = main_output(output)
 
         return hook
 

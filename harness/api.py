@@ -19,7 +19,14 @@ from harness.files.atomic import atomic_dir, write_json
 from harness.files.hashing import cached_file_sha256, file_sha256, stable_hash
 from harness.files.paths import resolve_data_dir
 from harness.judging import Judge, score_answered, template_fields
-from harness.models.activations import capture_activations, decoder_parts, forward_hooks, unwrap
+from harness.models.activations import (
+    attention_modules,
+    capture_activations,
+    decoder_parts,
+    forward_hooks,
+    main_output,
+    unwrap,
+)
 from harness.models.generation import GenerationSettings, HFBackend, resolve_backend
 from harness.models.loading import (
     EMBEDDED_MODEL,
@@ -59,16 +66,16 @@ from harness.train.sft import (
 )
 
 __all__ = [
-    "atomic_dir", "attacks", "backends", "build_config", "cached_file_sha256", "capture_activations",
-    "causal_lm_loss", "check_representable", "check_trigger_text", "collate_pairs", "collate_sft", "ConfigError",
-    "corrected_rate", "cpu_pair_sizes", "DataError", "datasets", "decoder_parts", "defences", "EMBEDDED_MODEL",
-    "encode_pair", "encode_sft", "EvalResult", "evaluators", "file_sha256", "fine_tune", "format_prompt",
-    "forward_hooks", "GenerationSettings", "HarnessError", "head_ce_sums", "HFBackend", "IGNORE_INDEX",
-    "import_package_modules", "intercept_training", "Judge", "judges", "load_model", "LoadedModel", "mean_ci", "mmd",
-    "model_fingerprint", "NoParams", "normalise_prompt", "Pair", "pair_ces", "pair_side", "PairDefenceSettings",
-    "PairSettings", "PairSFTSettings", "Params", "plain", "PluginSpec", "position_mask", "Prompt", "QA", "read_csv",
-    "read_json", "read_jsonl", "resolve_backend", "resolve_data_dir", "resolve_device", "resolve_dtype",
-    "RowProblems", "RunConfig", "score_answered", "SFTParams", "SFTSettings", "shift_targets", "stable_hash",
-    "StageContext", "Targets", "template_fields", "text_of", "train", "Trained", "TrainingRun", "TrainReport",
-    "TrainSettings", "Trigger", "unwrap", "wilson_ci", "write_json",
+    "atomic_dir", "attacks", "attention_modules", "backends", "build_config", "cached_file_sha256",
+    "capture_activations", "causal_lm_loss", "check_representable", "check_trigger_text", "collate_pairs",
+    "collate_sft", "ConfigError", "corrected_rate", "cpu_pair_sizes", "DataError", "datasets", "decoder_parts",
+    "defences", "EMBEDDED_MODEL", "encode_pair", "encode_sft", "EvalResult", "evaluators", "file_sha256", "fine_tune",
+    "format_prompt", "forward_hooks", "GenerationSettings", "HarnessError", "head_ce_sums", "HFBackend",
+    "IGNORE_INDEX", "import_package_modules", "intercept_training", "Judge", "judges", "load_model", "LoadedModel",
+    "main_output", "mean_ci", "mmd", "model_fingerprint", "NoParams", "normalise_prompt", "Pair", "pair_ces",
+    "pair_side", "PairDefenceSettings", "PairSettings", "PairSFTSettings", "Params", "plain", "PluginSpec",
+    "position_mask", "Prompt", "QA", "read_csv", "read_json", "read_jsonl", "resolve_backend", "resolve_data_dir",
+    "resolve_device", "resolve_dtype", "RowProblems", "RunConfig", "score_answered", "SFTParams", "SFTSettings",
+    "shift_targets", "stable_hash", "StageContext", "Targets", "template_fields", "text_of", "train", "Trained",
+    "TrainingRun", "TrainReport", "TrainSettings", "Trigger", "unwrap", "wilson_ci", "write_json",
 ]

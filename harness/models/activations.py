@@ -83,8 +83,17 @@ def _keep(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def _first(output: Any) -> torch.Tensor:
+def main_output(output: Any) -> torch.Tensor:
+    """The hidden states of a module's output (decoder layers and attention blocks return tuples)."""
     return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def attention_modules(model: torch.nn.Module, needed_by: str) -> list[torch.nn.Module]:
+    """Every decoder layer's attention block (``self_attn``), for defences that perturb its output."""
+    layers = decoder_parts(model).layers
+    if not all(hasattr(layer, "self_attn") for layer in layers):
+        raise HarnessError(f"{type(unwrap(model)).__name__}: decoder layers have no .self_attn; {needed_by} needs it.")
+    return [layer.self_attn for layer in layers]
 
 
 @contextmanager
@@ -115,13 +124,13 @@ def capture_activations(
             # plain saved-tensor hooks keep the transform's saved tensors out of the checkpoint's
             # bookkeeping (its recomputation, with our hooks gone, would not reproduce them).
             with torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
-                acts.mlp[index] = transform(index, _first(output))
+                acts.mlp[index] = transform(index, main_output(output))
 
         return hook
 
     def store_hidden(index: int) -> Callable[..., None]:
         def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            acts.hidden[index] = _first(output)
+            acts.hidden[index] = main_output(output)
 
         return hook
 
