@@ -201,14 +201,10 @@ class JudgeBlock(Block):
     accuracy_source: str
 
 
-class HarmSummary(Block):
+class HarmSummary(JudgeScores):
+    """The primary judge's scores, named."""
+
     judge: Text
-    mean: Fraction
-    mean_ci95: Interval
-    rate: Fraction
-    rate_ci95: Interval
-    n: Annotated[int, Field(ge=1)]
-    rate_corrected: RateCorrected | None = None
 
 
 class Headline(Block):
