@@ -46,6 +46,7 @@ from harness.api import (
     StageContext,
     Trained,
     attention_modules,
+    attention_output_grads,
     causal_lm_loss,
     collate_sft,
     cpu_pair_sizes,
@@ -77,20 +78,7 @@ class TVaccineParams(PairSFTSettings):
 def layer_gradient_norms(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """n_l = ||d CE(batch) / d attention output of layer l||, in float32, for every decoder layer. Uses
     ``torch.autograd.grad`` w.r.t. the activations: no ``.grad`` of the model is touched."""
-    attention = attention_modules(model, "T-Vaccine")
-    outputs: list[torch.Tensor | None] = [None] * len(attention)
-
-    def capture(i: int) -> Any:
-        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            outputs[i] = main_output(output)
-
-        return hook
-
-    with forward_hooks((m, capture(i)) for i, m in enumerate(attention)):
-        loss = causal_lm_loss(model, batch)
-    if any(o is None or not o.requires_grad for o in outputs):
-        raise HarnessError("T-Vaccine: an attention output was not reached or carries no gradient (frozen model?).")
-    grads = torch.autograd.grad(loss, outputs)
+    _, grads = attention_output_grads(model, lambda m: causal_lm_loss(m, batch), "T-Vaccine")
     return torch.stack([g.float().norm() for g in grads]).detach()
 
 

@@ -38,12 +38,12 @@ from harness.api import (
     StageContext,
     Trained,
     attention_modules,
+    attention_output_grads,
     causal_lm_loss,
     cpu_pair_sizes,
     defences,
     fine_tune,
     forward_hooks,
-    main_output,
     pair_side,
     unwrap,
 )
@@ -59,20 +59,9 @@ def vaccine_loss(
     """The pass-2 (perturbed) SFT loss; terms: ``clean_loss`` (pass 1) and ``perturbation_norm``."""
     if getattr(unwrap(model), "is_gradient_checkpointing", False):
         raise HarnessError("Vaccine cannot run with gradient checkpointing (the perturbation would be lost).")
+    # w.r.t. the activations only; frees pass 1's graph
+    clean, grads = attention_output_grads(model, lambda m: causal_lm_loss(m, batch), "Vaccine")
     attention = attention_modules(model, "Vaccine")
-    outputs: list[torch.Tensor | None] = [None] * len(attention)
-
-    def capture(i: int) -> Any:
-        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
-            outputs[i] = main_output(output)
-
-        return hook
-
-    with forward_hooks((m, capture(i)) for i, m in enumerate(attention)):
-        clean = causal_lm_loss(model, batch)
-    if any(o is None or not o.requires_grad for o in outputs):
-        raise HarnessError("Vaccine: an attention output was not reached or carries no gradient (frozen model?).")
-    grads = torch.autograd.grad(clean, outputs)  # w.r.t. the activations only; frees pass 1's graph
     norm = torch.sqrt(sum(g.float().pow(2).sum() for g in grads))
     scale = rho / norm.clamp_min(torch.finfo(torch.float32).tiny)
     perturbations = [(g.float() * scale).to(g.dtype) for g in grads]

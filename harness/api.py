@@ -21,6 +21,7 @@ from harness.files.paths import resolve_data_dir
 from harness.judging import Judge, score_answered, template_fields
 from harness.models.activations import (
     attention_modules,
+    attention_output_grads,
     capture_activations,
     decoder_parts,
     forward_hooks,
@@ -66,7 +67,8 @@ from harness.train.sft import (
 )
 
 __all__ = [
-    "atomic_dir", "attacks", "attention_modules", "backends", "build_config", "cached_file_sha256",
+    "atomic_dir", "attacks", "attention_modules", "attention_output_grads", "backends", "build_config",
+    "cached_file_sha256",
     "capture_activations", "causal_lm_loss", "check_representable", "check_trigger_text", "collate_pairs",
     "collate_sft", "ConfigError", "corrected_rate", "cpu_pair_sizes", "DataError", "datasets", "decoder_parts",
     "defences", "EMBEDDED_MODEL", "encode_pair", "encode_sft", "EvalResult", "evaluators", "file_sha256", "fine_tune",

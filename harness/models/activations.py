@@ -166,3 +166,23 @@ def forward_hooks(hooks: Iterable[tuple[torch.nn.Module, ForwardHook]]) -> Itera
     finally:
         for handle in handles:
             handle.remove()
+
+
+def attention_output_grads(model: torch.nn.Module, loss_fn: Callable[[torch.nn.Module], torch.Tensor],
+                           needed_by: str) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """The loss and its gradients w.r.t. every decoder layer's attention output, by ``torch.autograd.grad``:
+    no ``.grad`` of the model is touched (Vaccine's and T-Vaccine's perturbation direction)."""
+    attention = attention_modules(model, needed_by)
+    outputs: list[torch.Tensor | None] = [None] * len(attention)
+
+    def capture(i: int) -> ForwardHook:
+        def hook(module: torch.nn.Module, args: Any, output: Any) -> None:
+            outputs[i] = main_output(output)
+
+        return hook
+
+    with forward_hooks((m, capture(i)) for i, m in enumerate(attention)):
+        loss = loss_fn(model)
+    if any(o is None or not o.requires_grad for o in outputs):
+        raise HarnessError(f"{needed_by}: an attention output was not reached or carries no gradient (frozen model?).")
+    return loss, torch.autograd.grad(loss, outputs)
