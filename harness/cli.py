@@ -81,7 +81,9 @@ def run(
     data_dir: Optional[Path] = typer.Option(
         None, "--data-dir", help="data directory (default: $HARNESS_DATA_DIR or ../shared/data)"
     ),
-    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="stage cache (default: .harness-cache)"),
+    cache_dir: Optional[Path] = typer.Option(
+        None, "--cache-dir", help="stage cache (default: $HARNESS_CACHE_DIR or .harness-cache)"
+    ),
     output_dir: Optional[Path] = typer.Option(None, "--output-dir", help="where run directories go (default: runs)"),
     no_reference: bool = typer.Option(
         False, "--no-reference", help="skip attacking the undefended model for comparison"
@@ -250,7 +252,8 @@ def judge_validate(
     judge: str = typer.Option("minilm-harm", "--judge", "-j", help="judge name (harness list judges)"),
     sets: list[str] = typer.Option([], "--set", help="judge params, e.g. --set max_train_examples=500"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="data directory"),
-    cache_dir: Path = typer.Option(Path(".harness-cache"), "--cache-dir", help="where trained judges and metrics live"),
+    cache_dir: Path = typer.Option(Path(".harness-cache"), "--cache-dir", envvar="HARNESS_CACHE_DIR",
+                                   help="where trained judges and metrics live"),
     refresh: bool = typer.Option(False, "--refresh", help="recompute even if stored metrics exist"),
 ) -> None:
     """Accuracy, macro-F1, ROC-AUC and calibration on held-out human labels (XSTest), agreement with
@@ -302,7 +305,8 @@ def data_refusals(
     max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
     device: str = typer.Option("auto", "--device"),
     data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="data directory"),
-    cache_dir: Path = typer.Option(Path(".harness-cache"), "--cache-dir", help="where trained judges live"),
+    cache_dir: Path = typer.Option(Path(".harness-cache"), "--cache-dir", envvar="HARNESS_CACHE_DIR",
+                                   help="where trained judges live"),
     seed: int = typer.Option(42, "--seed", min=0, max=2**32 - 1),
 ) -> None:
     """Make (prompt, harmful, refusal) pairs from a QA set that has no refusals: the model answers under

@@ -54,6 +54,22 @@ def tiny():
     return make_tiny_llama(seed=0)
 
 
+@pytest.fixture(scope="module")
+def base():
+    """The tiny-llama as a LoadedModel, one per test module (recipe tests copy it before training)."""
+    from harness.models.loading import load_model
+
+    return load_model("tiny-llama", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def data(data_dir):
+    """The bundle's data access with advbench as the harmful set, as the recipe tests read it."""
+    from harness.data.readers import DataAccess
+
+    return DataAccess(data_dir, "advbench", seed=0)
+
+
 @pytest.fixture
 def tiny_run_config(tmp_path):
     """Build a validated tiny-llama RunConfig with isolated cache/output dirs."""

@@ -31,7 +31,7 @@ from harness.context import StageContext
 from harness.data.readers import DataAccess
 from harness.data.records import QA
 from harness.data.tokenization import collate_pairs, collate_sft, encode_pair, encode_sft
-from harness.models.loading import LoadedModel, load_model
+from harness.models.loading import LoadedModel
 from harness.registry import NoParams, defences
 from harness.train.sft import causal_lm_loss
 
@@ -41,16 +41,6 @@ ALL_DEFENCES = ["none", "repnoise", "safety-sft", "gradient-ascent", "adversaria
                 "vaccine", "random-init", "booster", "t-vaccine", "lisa", "tar", "safelora"]
 # Few pairs, short sequences, big steps: each recipe runs in about a second.
 FAST = dict(num_pairs=8, batch_size=4, max_length=48, warmup_ratio=0.0, schedule="constant")
-
-
-@pytest.fixture(scope="module")
-def base() -> LoadedModel:
-    return load_model("tiny-llama", device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def data(data_dir) -> DataAccess:
-    return DataAccess(data_dir, "advbench", seed=0)
 
 
 def fresh(base: LoadedModel) -> LoadedModel:

@@ -14,22 +14,11 @@ from typer.testing import CliRunner
 from defences.booster import BoosterParams, booster, booster_loss, collate_booster
 from harness.cli import app
 from harness.context import StageContext
-from harness.data.readers import DataAccess
 from harness.data.tokenization import encode_sft
-from harness.models.loading import LoadedModel, load_model
+from harness.models.loading import LoadedModel
 from harness.train.sft import causal_lm_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def base() -> LoadedModel:
-    return load_model("tiny-llama", device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def data(data_dir) -> DataAccess:
-    return DataAccess(data_dir, "advbench", seed=0)
 
 
 @pytest.fixture(scope="module")

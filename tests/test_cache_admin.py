@@ -129,3 +129,17 @@ def test_bad_prune_input_is_refused():
         parse_size("lots")
     assert parse_age("2d") == 172800 and parse_age("90s") == 90
     assert parse_size("1.5GiB") == int(1.5 * 2**30) and parse_size("500MB") == 500 * 2**20 and parse_size("10") == 10
+
+
+def test_harness_cache_dir_is_the_default_for_runs_and_cache_commands(cached_run, monkeypatch, tmp_path):
+    """$HARNESS_CACHE_DIR names the cache wherever --cache-dir / cache_dir is not given."""
+    from harness.run.config import RunConfig
+
+    _, _, cache = cached_run
+    monkeypatch.setenv("HARNESS_CACHE_DIR", str(cache))
+    assert RunConfig.model_validate({}).cache_dir == cache
+    assert RunConfig.model_validate({"cache_dir": str(tmp_path / "x")}).cache_dir == tmp_path / "x"
+    out = CliRunner().invoke(app, ["cache", "ls"])
+    assert out.exit_code == 0 and _by_kind(cache)["attack"].key in out.output
+    monkeypatch.delenv("HARNESS_CACHE_DIR")
+    assert str(RunConfig.model_validate({}).cache_dir) == ".harness-cache"

@@ -29,21 +29,11 @@ from harness.data.readers import DataAccess
 from harness.data.records import QA
 from harness.data.tokenization import encode_sft
 from harness.errors import HarnessError
-from harness.models.loading import LoadedModel, load_model
+from harness.models.loading import LoadedModel
 from harness.train.loop import intercept_training
 from harness.train.sft import SFTSettings, causal_lm_loss, fine_tune
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def base() -> LoadedModel:
-    return load_model("tiny-llama", device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def data(data_dir) -> DataAccess:
-    return DataAccess(data_dir, "advbench", seed=0)
 
 
 def ctx_for(tmp_path: Path, data: DataAccess) -> StageContext:

@@ -20,20 +20,10 @@ from harness.context import StageContext
 from harness.data.readers import DataAccess
 from harness.data.tokenization import collate_sft, encode_sft
 from harness.errors import HarnessError
-from harness.models.loading import LoadedModel, load_model
+from harness.models.loading import LoadedModel
 from harness.train.sft import causal_lm_loss
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def base() -> LoadedModel:
-    return load_model("tiny-llama", device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def data(data_dir) -> DataAccess:
-    return DataAccess(data_dir, "advbench", seed=0)
 
 
 def batch_of(base: LoadedModel, data: DataAccess, side: str, n: int = 3) -> dict[str, torch.Tensor]:

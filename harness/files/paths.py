@@ -51,4 +51,5 @@ def check_output_dir(path: str | Path, field: str) -> None:
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_DIR_ENV, ".harness-cache")).resolve()
+    """$HARNESS_CACHE_DIR, else .harness-cache in the working directory (relative, as a config would give it)."""
+    return Path(os.environ.get(CACHE_DIR_ENV) or ".harness-cache")

@@ -15,7 +15,7 @@ from harness.terminal import plain, print_error, state
 
 console = Console(stderr=True)
 cache_app = typer.Typer(no_args_is_help=True, help="The stage cache: list it, measure it, prune it.")
-CACHE_DIR = typer.Option(Path(".harness-cache"), "--cache-dir", help="stage cache (default: .harness-cache)")
+CACHE_DIR = typer.Option(Path(".harness-cache"), "--cache-dir", envvar="HARNESS_CACHE_DIR", help="stage cache")
 
 
 def _fail(exc: BaseException) -> None:

@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from harness.errors import ConfigError
+from harness.files.paths import default_cache_dir
 from harness.registry import Params, format_validation_error
 from harness.run.names import check_run_name
 
@@ -120,7 +121,7 @@ class RunConfig(_Strict):
             return {k: ({} if v is None else v) for k, v in value.items()}
         return value
     output_dir: Path = Path("runs")
-    cache_dir: Path = Path(".harness-cache")
+    cache_dir: Path = Field(default_factory=default_cache_dir)  # $HARNESS_CACHE_DIR or .harness-cache
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
