@@ -155,3 +155,32 @@ def test_category_filter_errors_name_the_problem(data_dir):
         access.qa("jbb-harmful-qa[Privacy")
     with pytest.raises(DataError, match="empty category list"):
         access.qa("jbb-harmful-qa[]")
+
+
+def test_an_unchanged_data_set_is_parsed_once_per_process_and_a_changed_one_again(tmp_path):
+    """Sweeps check every data set per cell; the reader runs again only when a file changes."""
+    calls = []
+
+    @datasets.register("memo-probe-set", kind="prompts", files=["memo/prompts.txt"])
+    def memo_probe_set(data_dir, problems):
+        calls.append(1)
+        from harness.data.records import Prompt
+
+        for line in (data_dir / "memo" / "prompts.txt").read_text().splitlines():
+            yield Prompt(line, None, "memo")
+
+    try:
+        (tmp_path / "memo").mkdir()
+        source = tmp_path / "memo" / "prompts.txt"
+        source.write_text("a\nb\n")
+        first = load_dataset("memo-probe-set", tmp_path)
+        first.records.append("mutated by a caller")  # a caller's list is its own
+        again = load_dataset("memo-probe-set", tmp_path)
+        assert len(calls) == 1 and [r.prompt for r in again.records] == ["a", "b"]
+        assert again.fingerprint == first.fingerprint
+        source.write_text("a\nb\nc\n")
+        changed = load_dataset("memo-probe-set", tmp_path)
+        assert len(calls) == 2 and [r.prompt for r in changed.records] == ["a", "b", "c"]
+        assert changed.fingerprint != first.fingerprint
+    finally:
+        datasets._plugins.pop("memo-probe-set")  # leave the registry as other tests expect it

@@ -141,6 +141,23 @@ def test_probe_data_is_disjoint_from_training_pairs_and_evaluation_set(data_dir)
     assert again.harmful == data.harmful and again.fingerprint == data.fingerprint
 
 
+def test_xstest_prompts_pit_unsafe_prompts_against_safe_ones_that_read_like_them(data_dir):
+    import csv
+
+    with open(data_dir / "harmful_prompts" / "xstest_prompts.csv", encoding="utf-8") as fh:
+        label_of = {normalise_prompt(row["prompt"]): row["label"] for row in csv.DictReader(fh)}
+    access = DataAccess(data_dir, "advbench", 42)
+    params = ProbeParams(num_prompts=500, prompts="xstest")
+    data = select_probe_data(access, _run_config("jbb-pairs"), params, 42)
+    assert {label_of[normalise_prompt(t)] for t in data.harmful} == {"unsafe"}
+    assert {label_of[normalise_prompt(t)] for t in data.harmless} == {"safe"}
+    assert len(data.harmful) == len(data.harmless) == 200  # XSTest's 200 unsafe prompts bound both classes
+    default = select_probe_data(access, _run_config("jbb-pairs"), ProbeParams(num_prompts=500), 42)
+    assert data.fingerprint != default.fingerprint and data.pairs == default.pairs
+    assert data.summary()["prompt_sources"] == ["harmful_prompts/xstest_prompts.csv"]
+    assert "prompts" not in ProbeParams().model_dump() and params.model_dump()["prompts"] == "xstest"
+
+
 def test_lens_pairs_the_defence_trained_on_are_refused(data_dir):
     access = DataAccess(data_dir, "advbench", 42)
     with pytest.raises(DataError, match="Every pair of 'decodingtrust-pairs' is in the run's training"):

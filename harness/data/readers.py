@@ -208,12 +208,18 @@ def _log_skipped(name: str, problems: RowProblems) -> None:
         log.warning("Data set %s: skipped %d malformed rows (first: %s)", name, len(problems), problems.first())
 
 
+# (name, reader, its version, (path, size, mtime) of each file) -> what was read: a sweep's cells each check every
+# data set they name before their first stage, and re-parsing the same files per cell dominated cached re-runs.
+_loaded_memo: dict[tuple[Any, ...], LoadedData] = {}
+_MEMO_ENTRIES = 32
+
+
 def load_dataset(name: str, data_dir: Path) -> LoadedData:
-    """Read a registered data set from the data directory (or the hub, for hub-backed names)."""
+    """Read a registered data set from the data directory (or the hub, for hub-backed names); a set whose
+    files are unchanged since this process last read it is not parsed again (its records are immutable)."""
     if name.startswith(PAIRS_FILE):
         return load_pairs_file(name)
     plugin = datasets.get(name)
-    kind = plugin.hook("kind")
     files = [data_dir / f for f in plugin.hook("files") or []]
     for path in files:
         if not path.exists():
@@ -221,6 +227,20 @@ def load_dataset(name: str, data_dir: Path) -> LoadedData:
                 f"Data set {name!r} needs {path}, which does not exist. Check --data-dir / "
                 "$HARNESS_DATA_DIR (it should point at the offline bundle's data/ folder)."
             )
+    if not files:  # hub-backed: nothing local to tell a change by
+        return _read_dataset(name, data_dir, plugin, files)
+    stamps = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    key = (name, id(plugin.fn), plugin.version, stamps)
+    if key not in _loaded_memo:
+        if len(_loaded_memo) >= _MEMO_ENTRIES:
+            _loaded_memo.pop(next(iter(_loaded_memo)))
+        _loaded_memo[key] = _read_dataset(name, data_dir, plugin, files)
+    loaded = _loaded_memo[key]
+    return LoadedData(loaded.name, loaded.kind, list(loaded.records), loaded.fingerprint, loaded.skipped)
+
+
+def _read_dataset(name: str, data_dir: Path, plugin: Any, files: list[Path]) -> LoadedData:
+    kind = plugin.hook("kind")
     problems = RowProblems()
     records = list(plugin.fn(data_dir, problems))
     if not records:

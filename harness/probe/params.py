@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SerializerFunctionWrapHandler, ValidationError, field_validator, model_serializer
 
 from harness.errors import ConfigError
 from harness.registry import Params, format_validation_error
@@ -14,6 +14,12 @@ class ProbeParams(Params):
     """Sizes and choices of ``harness probe`` (CPU-sized defaults; raise them on a GPU)."""
 
     num_prompts: int = Field(64, ge=2, description="harmful and as many harmless prompts for the linear probes")
+    prompts: Literal["refusal-direction", "xstest"] = Field(
+        "refusal-direction",
+        description="probe prompts: the refusal-direction splits (harmful behaviours vs Alpaca instructions, "
+                    "which differ in wording too), or xstest (XSTest's unsafe prompts vs its safe ones that "
+                    "read like them: 'kill a Python process'; harder, at most 200 per class)",
+    )
     lens_pairs: str = Field("decodingtrust-pairs",
                             description="pairs data set (prompt, harmful, harmless) for the logit lens and MMD")
     num_pairs: int = Field(32, ge=1, description="pairs drawn (seeded) for the logit lens and MMD to noise")
@@ -33,6 +39,15 @@ class ProbeParams(Params):
                 raise ValueError("layer indices repeat")
             value = sorted(value)
         return value
+
+    @model_serializer(mode="wrap")
+    def _omit_default_prompts(self, handler: SerializerFunctionWrapHandler) -> Any:
+        """The default prompt set is left out of dumps, so probe stage keys made before the choice existed
+        stay valid."""
+        data = handler(self)
+        if isinstance(data, dict) and data.get("prompts") == "refusal-direction":
+            del data["prompts"]
+        return data
 
 
 def parse_probe_params(values: dict[str, Any]) -> ProbeParams:
