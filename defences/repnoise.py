@@ -22,6 +22,10 @@ id 0 dropped; logits zeroed by the mask at t while targets follow the mask at t+
 each masked stretch scores log V with no gradient, in S, c_final and every c_j); the last hidden state
 final-normed twice; the final-layer ablation's G without the +1; the mask ablation with unmasked noise
 and the plain LM loss for S and c_final (per-layer terms still position-masked).
+
+Sharded training (``--nproc``) splits each micro-batch's rows over the ranks: target counts, the noise
+MMD (over the gathered rows of every rank, with the same noise draw) and log(G) are whole-batch quantities
+through ``harness.api.global_batch``, which leaves them untouched in a single process.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from harness.api import (
     decoder_parts,
     defences,
     encode_pair,
+    global_batch,
     head_ce_sums,
     mmd,
     position_mask,
@@ -168,8 +173,8 @@ class CeTargets:
     """The targets one masked CE term scores through the LM head, and its constant part."""
 
     scored: Targets  # predicted from the model's rows
-    count: int  # targets in the mean: scored + zeroed
-    zeroed: int  # mask_offset: targets scored from all-zero logits (CE = log V each, no gradient)
+    count: int  # targets in the mean: scored + zeroed, over the whole batch (every rank's rows when split)
+    zeroed: int  # mask_offset: targets scored from all-zero logits (CE = log V each, no gradient), in these rows
 
 
 def ce_targets(ids: torch.Tensor, mask: torch.Tensor, params: RepNoiseParams, plain_lm: bool = False) -> CeTargets:
@@ -178,7 +183,7 @@ def ce_targets(ids: torch.Tensor, mask: torch.Tensor, params: RepNoiseParams, pl
     mask scored from zeroed logits. ``plain_lm``: the plain LM loss, which has neither quirk."""
     targets = shift_targets(ids, mask)
     if plain_lm or not (params.drop_target_id_0 or params.mask_offset):
-        return CeTargets(targets, len(targets), 0)
+        return CeTargets(targets, global_batch.total_count(len(targets)), 0)
     keep = torch.ones_like(targets.ids, dtype=torch.bool)
     if params.drop_target_id_0:
         keep &= targets.ids != 0
@@ -188,18 +193,21 @@ def ce_targets(ids: torch.Tensor, mask: torch.Tensor, params: RepNoiseParams, pl
         zeroed = int((keep & ~from_masked).sum())
         keep &= from_masked
     scored = targets.select(keep)
-    return CeTargets(scored, len(scored) + zeroed, zeroed)
+    return CeTargets(scored, global_batch.total_count(len(scored) + zeroed), zeroed)
 
 
 def noise_term(
     activation: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """MMD between one layer's masked harmful activations [B, T, d] and masked N(0, 1) noise."""
+    """MMD between one layer's masked harmful activations [B, T, d] and masked N(0, 1) noise (over the whole
+    batch's rows when they are split over ranks: each rank draws the same noise for all of them)."""
+    activation, mask = global_batch.gather_rows(activation), global_batch.gather_rows(mask)
     keep = mask[..., None]
     noise = torch.randn(activation.shape, generator=generator, device=activation.device, dtype=torch.float32)
     return mmd(activation * keep.to(activation.dtype), noise * keep)
 
 
+@global_batch.data_parallel_loss
 def repnoise_loss(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
@@ -254,7 +262,7 @@ def repnoise_loss(
 
     retain_loss = sums[0] + constants[0] if constants[0] else sums[0]
     total = retain_loss
-    terms: dict[str, torch.Tensor] = {"S": retain_loss}
+    terms: dict[str, torch.Tensor] = {"S": global_batch.total(retain_loss)}
     if params.noise:
         noise = torch.stack(acts.mlp).mean()
         if final.requires_grad and not noise.requires_grad:
@@ -262,17 +270,16 @@ def repnoise_loss(
                 "RepNoise's noise term got no gradient: the MLP outputs were computed without grad "
                 "(reentrant gradient checkpointing?). Use gradient_checkpointing_kwargs={'use_reentrant': False}."
             )
-        total = total + params.beta * noise
+        total = total + params.beta * global_batch.share(noise)
         terms["N"] = noise
     if params.ascent:
         ascent_sum = sums[1] + constants[1] if constants[1] else sums[1]
         if use_hidden:
-            ascent = ascent_sum / (parts.num_layers + 1) + 1.0
+            ascent = global_batch.log_of_total(ascent_sum / (parts.num_layers + 1), 1.0)
         else:
-            ascent = ascent_sum if params.ascent_without_one else ascent_sum + 1.0
-        log_ascent = torch.log(ascent)
-        total = total - params.alpha * log_ascent
-        terms.update(G=ascent, log_G=log_ascent)
+            ascent = global_batch.log_of_total(ascent_sum, 0.0 if params.ascent_without_one else 1.0)
+        total = total - params.alpha * ascent.loss
+        terms.update(G=ascent.value, log_G=ascent.log)
     return total, {name: value.detach() for name, value in terms.items()}
 
 

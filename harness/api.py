@@ -13,6 +13,7 @@ from harness.data.readers import RowProblems, read_csv, read_json, read_jsonl, t
 from harness.data.records import QA, Pair, Prompt, normalise_prompt
 from harness.data.tokenization import IGNORE_INDEX, collate_pairs, collate_sft, encode_pair, encode_sft, format_prompt
 from harness.data.triggers import Trigger, check_representable, check_trigger_text
+from harness.distributed import global_batch
 from harness.errors import ConfigError, DataError, HarnessError
 from harness.evaluation import EvalResult
 from harness.files.atomic import atomic_dir, write_json
@@ -72,7 +73,7 @@ __all__ = [
     "capture_activations", "causal_lm_loss", "check_representable", "check_trigger_text", "collate_pairs",
     "collate_sft", "ConfigError", "corrected_rate", "cpu_pair_sizes", "DataError", "datasets", "decoder_parts",
     "defences", "EMBEDDED_MODEL", "encode_pair", "encode_sft", "EvalResult", "evaluators", "file_sha256", "fine_tune",
-    "format_prompt", "forward_hooks", "GenerationSettings", "HarnessError", "head_ce_sums", "HFBackend",
+    "format_prompt", "forward_hooks", "GenerationSettings", "global_batch", "HarnessError", "head_ce_sums", "HFBackend",
     "IGNORE_INDEX", "import_package_modules", "intercept_training", "Judge", "judges", "load_model", "LoadedModel",
     "main_output", "mean_ci", "mmd", "model_fingerprint", "NoParams", "normalise_prompt", "Pair", "pair_ces",
     "pair_side", "PairDefenceSettings", "PairSettings", "PairSFTSettings", "Params", "plain", "PluginSpec",

@@ -22,12 +22,16 @@ from harness.models.loading import LoadedModel, make_tiny_llama
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SEED = 3
-RECIPES = ("full-ft", "repnoise", "lora", "full-ft-bf16")
-# 10 examples in batches of 4: the last micro-batch has 2 rows, so both split modes and a ragged
-# batch are exercised; clipping runs on sharded (DTensor) gradients in full-ft.
+RECIPES = ("full-ft", "repnoise", "repnoise-released", "lora", "full-ft-bf16")
+PLUGIN = {"repnoise-released": "repnoise", "full-ft-bf16": "full-ft"}  # else the recipe's own name
+# 10 examples in batches of 4: the last micro-batch has 2 rows; clipping runs on sharded (DTensor) gradients
+# in full-ft. RepNoise takes 11 pairs, so its last micro-batch (3 rows) splits unevenly, 2 + 1: its gathered
+# MMD rows are ragged. The released-code flags make whole-batch target counts differ from scored ones.
 SETTINGS = {
     "full-ft": {"num_samples": 10, "max_length": 40, "batch_size": 4, "lr": 1e-3, "max_grad_norm": 0.5},
-    "repnoise": {"num_pairs": 10, "max_length": 128, "batch_size": 4, "lr": 1e-3},
+    "repnoise": {"num_pairs": 11, "max_length": 128, "batch_size": 4, "lr": 1e-3},
+    "repnoise-released": {"num_pairs": 11, "max_length": 128, "batch_size": 4, "lr": 1e-3,
+                          "drop_target_id_0": True, "mask_offset": True, "double_final_norm": True},
     "lora": {"num_samples": 10, "max_length": 40, "batch_size": 4, "lr": 1e-2, "rank": 4},
     # bf16 weights with float32 master weights and optimizer state (sharded: float32 shards, bf16 compute)
     "full-ft-bf16": {"num_samples": 10, "max_length": 40, "batch_size": 4, "lr": 1e-3, "fp32_optimizer": True},
@@ -47,8 +51,9 @@ def train_recipe(name: str, workdir: Path) -> tuple[list[dict[str, float]], dict
     if name.endswith("-bf16"):
         model = model.to(torch.bfloat16)
     loaded = LoadedModel(model, tokenizer, "tiny-llama", "tiny")
-    registry = defence_registry if name == "repnoise" else attack_registry
-    plugin = registry.get(name.removesuffix("-bf16"))
+    plugin_name = PLUGIN.get(name, name)
+    registry = defence_registry if plugin_name == "repnoise" else attack_registry
+    plugin = registry.get(plugin_name)
     params = plugin.parse_params(SETTINGS[name], name)
     ctx = StageContext(seed=SEED, device="cpu", dtype="float32", data=DataAccess(resolve_data_dir(), "advbench", SEED),
                        cache_dir=workdir, workdir=workdir, console=Console(quiet=True))
@@ -57,14 +62,23 @@ def train_recipe(name: str, workdir: Path) -> tuple[list[dict[str, float]], dict
 
         history = fine_tune(model, tokenizer, ctx.data.qa(params.dataset, n=params.num_samples), params, ctx,
                             "attack: full-ft").history
+        _write_stats(workdir, name, ctx)
         return history, {k: v.detach().clone() for k, v in model.state_dict().items()}
     trained = plugin.fn(loaded, params, ctx)
+    _write_stats(workdir, name, ctx)
     report = trained.report
     weights = {k: v.detach().clone() for k, v in trained.model.model.state_dict().items()}
-    if name == "repnoise":
+    if plugin_name == "repnoise":
         return report["repnoise_history"], weights
     summary = report["attack_training"]  # lora: first and last step (the weights check every step's effect)
     return [{"loss": summary["first_loss"]}, {"loss": summary["last_loss"]}], weights
+
+
+def _write_stats(workdir: Path, name: str, ctx: StageContext) -> None:
+    from harness.distributed.world import current
+
+    if current() is None or current().is_writer:
+        (workdir / f"{name}.stats.json").write_text(json.dumps(ctx.stats))
 
 
 def _rank(rank: int, size: int, port: int, out: str) -> None:
@@ -120,16 +134,24 @@ def test_two_gloo_ranks_match_one_process(name, sharded, tmp_path):
         start = initial.get(key, torch.zeros_like(value) if "lora_B" in key else value)  # LoRA B starts at 0
         moved = max(moved, float((value - start).abs().max()))
     assert moved > 1e-4  # the recipe did train: equality is not two untouched models
+    # every micro-batch (4, 4 and 2 rows) was split over the two ranks, RepNoise's too
+    assert json.loads((sharded / f"{name}.stats.json").read_text())["split_micro_batches"] == 3
+    assert "split_micro_batches" not in json.loads((tmp_path / f"{name}.stats.json").read_text())
 
 
-def test_sft_loss_runs_data_parallel_and_repnoise_sharded_only():
-    """A renamed causal_lm_loss would silently fall back to every rank computing the whole batch."""
+def test_sft_and_repnoise_losses_run_data_parallel():
+    """A renamed causal_lm_loss, or RepNoise's loss losing its mark, would silently fall back to every rank
+    computing the whole batch."""
+    from functools import partial
+
     from defences.repnoise import repnoise_loss
+    from harness.distributed.global_batch import is_data_parallel_loss
     from harness.distributed.step import TOKEN_MEAN_LOSSES, _name
     from harness.train.sft import causal_lm_loss
 
     assert _name(causal_lm_loss) in TOKEN_MEAN_LOSSES
     assert _name(repnoise_loss) not in TOKEN_MEAN_LOSSES
+    assert is_data_parallel_loss(partial(repnoise_loss, params=None)) and not is_data_parallel_loss(causal_lm_loss)
     batch = {"labels": torch.tensor([[5, 6, -100, -100], [7, 8, 9, 10]])}
     assert int(TOKEN_MEAN_LOSSES[_name(causal_lm_loss)](batch)) == 1 + 3  # next-token targets not ignored
 

@@ -321,6 +321,7 @@ def _train(
             accumulated = {}
     if sharded is not None:
         sharded.finish()
+        ctx.add_stat("split_micro_batches", sharded.split_micro_batches)
     model.eval()
     report.wall_seconds = time.perf_counter() - start
     ctx.add_stat("train_tokens", report.tokens)
