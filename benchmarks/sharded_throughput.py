@@ -1,4 +1,4 @@
-"""Training throughput of sharded (FSDP2, data-parallel SFT) runs against one process, same global batch.
+"""Training throughput of sharded (FSDP2, data-parallel) runs against one process, same global batch.
 
 Each configuration runs in freshly spawned processes: N ranks with (cores / N) torch threads each, every
 rank joined to a gloo (CPU) or NCCL (GPU) group, training the model with the harness's own sharded step
@@ -9,6 +9,11 @@ after warm-up. The load average before and after is printed: on a shared machine
 
     python benchmarks/sharded_throughput.py --model smollm2-135m-instruct --nproc 1,2 --batch 8 --seq-len 128
     python benchmarks/sharded_throughput.py --model tiny-llama --steps 2 --warmup 1     # seconds, a smoke run
+    python benchmarks/sharded_throughput.py --loss repnoise --nproc 1,2w,2              # RepNoise
+
+``--loss repnoise`` trains RepNoise's loss on random (prompt, harmful, harmless) pairs; a count with ``w``
+(``2w``) runs that many ranks the way an unmarked loss runs, every rank on the whole micro-batch (sharded
+only), the baseline for its data-parallel mode.
 """
 
 from __future__ import annotations
@@ -31,7 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    p.add_argument("--nproc", default="1,2", help="comma-separated process counts to compare")
+    p.add_argument("--nproc", default="1,2", help="comma-separated process counts to compare; 2w: 2 ranks, "
+                                                  "every rank on the whole batch")
+    p.add_argument("--loss", default="sft", choices=["sft", "repnoise"])
     p.add_argument("--batch", type=int, default=8, help="global batch: examples per optimizer step")
     p.add_argument("--seq-len", type=int, default=128, help="tokens per example")
     p.add_argument("--steps", type=int, default=4, help="timed optimizer steps")
@@ -45,18 +52,41 @@ def _batch(vocab: int, args: argparse.Namespace, device):
 
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (args.batch, args.seq_len), generator=g)
+    if args.loss == "repnoise":  # pairs sharing the first half (the prompt), different answers after it
+        other = ids.clone()
+        other[:, args.seq_len // 2:] = torch.randint(3, vocab, (args.batch, args.seq_len - args.seq_len // 2),
+                                                     generator=g)
+        ones = torch.ones_like(ids).to(device)
+        return {"harmful_input_ids": ids.to(device), "harmless_input_ids": other.to(device),
+                "harmful_attention_mask": ones, "harmless_attention_mask": ones.clone()}
     return {"input_ids": ids.to(device), "attention_mask": torch.ones_like(ids).to(device),
             "labels": ids.clone().to(device)}
 
 
-def _rank(rank: int, size: int, port: int, args: argparse.Namespace, out: str) -> None:
+def _loss_fn(args: argparse.Namespace, whole_batch: bool):
+    """The loss under test; ``whole_batch`` hides RepNoise's data-parallel mark (every rank, whole batch)."""
+    from functools import partial
+
+    import torch
+
+    from harness.train.sft import causal_lm_loss
+
+    if args.loss == "sft":
+        return causal_lm_loss
+    from defences.repnoise import RepNoiseParams, repnoise_loss
+
+    loss = partial(repnoise_loss, params=RepNoiseParams(), generator=torch.Generator().manual_seed(0))
+    return (lambda model, batch: loss(model, batch)) if whole_batch else loss
+
+
+def _rank(rank: int, size: int, port: int, args: argparse.Namespace, out: str, whole_batch: bool = False) -> None:
     import contextlib
 
     import torch
 
     from harness.models.loading import load_model
-    from harness.train.sft import causal_lm_loss
 
+    loss_fn = _loss_fn(args, whole_batch)
     torch.set_num_threads(max(1, args.cores // size))
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     device = torch.device("cuda", rank) if args.device == "cuda" else torch.device("cpu")
@@ -74,12 +104,13 @@ def _rank(rank: int, size: int, port: int, args: argparse.Namespace, out: str) -
             params = list(model.parameters())
 
             def step_loss() -> torch.Tensor:
-                return causal_lm_loss(model, batch)
+                output = loss_fn(model, batch)
+                return output[0] if isinstance(output, tuple) else output
         else:
             from harness.distributed.step import ShardedStep
 
-            sharded = ShardedStep(model, causal_lm_loss, world, list(model.parameters()), fp32_optimizer=False)
-            assert sharded.data_parallel
+            sharded = ShardedStep(model, loss_fn, world, list(model.parameters()), fp32_optimizer=False)
+            assert sharded.data_parallel != whole_batch
             params = sharded.parameters
 
             def step_loss() -> torch.Tensor:
@@ -97,7 +128,8 @@ def _rank(rank: int, size: int, port: int, args: argparse.Namespace, out: str) -
             if index >= args.warmup:
                 times.append(time.perf_counter() - started)
         if rank == 0:
-            Path(out).write_text(json.dumps({"nproc": size, "threads_per_rank": torch.get_num_threads(),
+            Path(out).write_text(json.dumps({"nproc": f"{size}{'w' if whole_batch else ''}",
+                                             "threads_per_rank": torch.get_num_threads(),
                                              "seconds": statistics.median(times), "times": times}))
 
 
@@ -107,24 +139,26 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def measure(args: argparse.Namespace, nproc: int) -> dict:
+def measure(args: argparse.Namespace, count: str) -> dict:
     import torch.multiprocessing as mp
 
+    nproc, whole_batch = int(count.rstrip("w")), count.endswith("w")
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.json")
-        mp.start_processes(_rank, args=(nproc, _free_port(), args, out), nprocs=nproc, start_method="spawn")
+        mp.start_processes(_rank, args=(nproc, _free_port(), args, out, whole_batch), nprocs=nproc,
+                           start_method="spawn")
         return json.loads(Path(out).read_text())
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    counts = [int(n) for n in args.nproc.split(",")]
+    counts = [n.strip() for n in args.nproc.split(",")]
     load_before = os.getloadavg()
     results = [measure(args, n) for n in counts]
     load_after = os.getloadavg()
     tokens = args.batch * args.seq_len
     base = tokens / results[0]["seconds"]
-    print(f"model={args.model} device={args.device} global batch {args.batch}×{args.seq_len} tokens, "
+    print(f"loss={args.loss} model={args.model} device={args.device} global batch {args.batch}×{args.seq_len} tokens, "
           f"{args.steps} timed steps (+{args.warmup}), {args.cores} cores, load average "
           f"{load_before[0]:.2f} before, {load_after[0]:.2f} after (1-min)")
     print(f"{'processes':>9} {'threads/rank':>12} {'s/step':>8} {'tokens/s':>9} {'speed-up':>8}")
