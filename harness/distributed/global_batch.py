@@ -51,11 +51,6 @@ def split_over(world: World) -> Iterator[None]:
         _split = saved
 
 
-def ranks() -> int:
-    """How many ranks share the current micro-batch (1 unless split)."""
-    return _split.size if _split is not None else 1
-
-
 def total_count(count: int) -> int:
     """A count over the whole micro-batch (e.g. the targets a mean runs over)."""
     if _split is None:
@@ -102,6 +97,8 @@ class _GatherRows(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         import torch.distributed as dist
 
+        # all_reduce of the whole gathered gradient, then this rank's rows: a reduce-scatter's result with
+        # ragged rows and on every backend (gloo has no reduce-scatter), at W times its traffic.
         grad = grad.contiguous().clone()
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)
         start = sum(ctx.sizes[: ctx.rank])
