@@ -22,8 +22,8 @@ from harness.models.loading import LoadedModel, make_tiny_llama
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 SEED = 3
-RECIPES = ("full-ft", "repnoise", "repnoise-released", "lora", "full-ft-bf16")
-PLUGIN = {"repnoise-released": "repnoise", "full-ft-bf16": "full-ft"}  # else the recipe's own name
+RECIPES = ("full-ft", "repnoise", "repnoise-released", "repnoise-checkpointed", "lora", "full-ft-bf16")
+PLUGIN = {"repnoise-released": "repnoise", "repnoise-checkpointed": "repnoise", "full-ft-bf16": "full-ft"}
 # 10 examples in batches of 4: the last micro-batch has 2 rows; clipping runs on sharded (DTensor) gradients
 # in full-ft. RepNoise takes 11 pairs, so its last micro-batch (3 rows) splits unevenly, 2 + 1: its gathered
 # MMD rows are ragged. The released-code flags make whole-batch target counts differ from scored ones.
@@ -32,6 +32,9 @@ SETTINGS = {
     "repnoise": {"num_pairs": 11, "max_length": 128, "batch_size": 4, "lr": 1e-3},
     "repnoise-released": {"num_pairs": 11, "max_length": 128, "batch_size": 4, "lr": 1e-3,
                           "drop_target_id_0": True, "mask_offset": True, "double_final_norm": True},
+    # the noise MMD gathers rows inside a hook of a checkpointed layer; the recomputation must not gather again
+    "repnoise-checkpointed": {"num_pairs": 11, "max_length": 128, "batch_size": 4, "lr": 1e-3,
+                              "gradient_checkpointing": True},
     "lora": {"num_samples": 10, "max_length": 40, "batch_size": 4, "lr": 1e-2, "rank": 4},
     # bf16 weights with float32 master weights and optimizer state (sharded: float32 shards, bf16 compute)
     "full-ft-bf16": {"num_samples": 10, "max_length": 40, "batch_size": 4, "lr": 1e-3, "fp32_optimizer": True},
