@@ -199,9 +199,10 @@ def ce_targets(ids: torch.Tensor, mask: torch.Tensor, params: RepNoiseParams, pl
 def noise_term(
     activation: torch.Tensor, mask: torch.Tensor, generator: torch.Generator | None
 ) -> torch.Tensor:
-    """MMD between one layer's masked harmful activations [B, T, d] and masked N(0, 1) noise (over the whole
-    batch's rows when they are split over ranks: each rank draws the same noise for all of them)."""
-    activation, mask = global_batch.gather_rows(activation), global_batch.gather_rows(mask)
+    """MMD between one layer's masked harmful activations [B, T, d] and masked N(0, 1) noise. When the rows
+    are split over ranks, ``mask`` is already the whole batch's and the activations are gathered here: each
+    rank draws the same noise for all rows."""
+    activation = global_batch.gather_rows(activation)
     keep = mask[..., None]
     noise = torch.randn(activation.shape, generator=generator, device=activation.device, dtype=torch.float32)
     return mmd(activation * keep.to(activation.dtype), noise * keep)
@@ -224,7 +225,8 @@ def repnoise_loss(
 
     # One forward over both sides. The noise MMD of each layer is computed inside its hook, so
     # the full MLP outputs are not kept beyond what autograd needs.
-    per_layer_noise = partial(_layer_noise, b=b, mask=masks.noise, generator=generator)
+    noise_mask = global_batch.gather_rows(masks.noise) if params.noise else masks.noise  # once, not per layer
+    per_layer_noise = partial(_layer_noise, b=b, mask=noise_mask, generator=generator)
     with capture_activations(model, mlp=params.noise, hidden=use_hidden, mlp_transform=per_layer_noise) as acts:
         final = parts.decoder(
             input_ids=torch.cat([harmful_ids, harmless_ids]),

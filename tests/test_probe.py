@@ -8,14 +8,14 @@ import torch
 
 from harness.data.readers import DataAccess
 from harness.data.records import Pair, normalise_prompt
-from harness.errors import DataError, HarnessError
+from harness.errors import ConfigError, DataError, HarnessError
 from harness.models.activations import capture_activations, decoder_parts
 from harness.probe.data import ProbeData, check_disjoint, select_probe_data
 from harness.probe.features import answer_batches, pooled_hidden, prompt_batches
 from harness.probe.lens import lens_logprobs
 from harness.probe.linear import check_split, layer_accuracies, paired_permutation_p
 from harness.probe.noise import masked_flat, mmd_to_noise
-from harness.probe.params import ProbeParams
+from harness.probe.params import ProbeParams, parse_probe_params
 from harness.probe.report import check_layers
 from harness.probe.weights import snapshot, weight_change
 from harness.train.losses import mmd
@@ -156,6 +156,8 @@ def test_xstest_prompts_pit_unsafe_prompts_against_safe_ones_that_read_like_them
     assert data.fingerprint != default.fingerprint and data.pairs == default.pairs
     assert data.summary()["prompt_sources"] == ["harmful_prompts/xstest_prompts.csv"]
     assert "prompts" not in ProbeParams().model_dump() and params.model_dump()["prompts"] == "xstest"
+    with pytest.raises(ConfigError, match="probe.prompts"):
+        parse_probe_params({"prompts": "xs-test"})
 
 
 def test_lens_pairs_the_defence_trained_on_are_refused(data_dir):
